@@ -1,0 +1,243 @@
+"""Configuration: one TOML file, every key overridable by ``LUNGNODE_SECTION__KEY``.
+
+Loaded once by the CLI (:func:`load_settings`) and passed down; nothing here
+reads the environment or the disk at import time.  Relative paths in the file
+(storage root, SQLite database) are relative to the file's folder.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from node.errors import ConfigError
+
+__all__ = [
+    "AnalysisSettings",
+    "CompletionSettings",
+    "DatabaseSettings",
+    "DeliverySettings",
+    "DicomSettings",
+    "Peer",
+    "SelectionSettings",
+    "Settings",
+    "StorageSettings",
+    "WebSettings",
+    "WorkerSettings",
+    "default_config_path",
+    "load_settings",
+]
+
+_AE_TITLE_MAX = 16
+
+
+def _check_ae_title(value: str) -> str:
+    value = value.strip()
+    if not value or len(value) > _AE_TITLE_MAX or "\\" in value:
+        raise ValueError(f"AE title {value!r} must be 1-16 characters without backslash")
+    return value
+
+
+class DicomSettings(BaseModel):
+    """The DICOM listener (SCP) and the node's own AE title as SCU."""
+
+    ae_title: str = "LUNGNODE"
+    host: str = "0.0.0.0"
+    port: int = Field(11112, ge=1, le=65535)
+    require_known_peers: bool = True
+    """Accept associations only from calling AE titles listed in ``[[peers]]``."""
+    check_peer_host: bool = False
+    """Also require the connection to come from the peer's configured host."""
+    max_associations: int = Field(10, ge=1)
+    acse_timeout: float = 30.0
+    dimse_timeout: float = 60.0
+    network_timeout: float = 60.0
+    max_pdu: int = Field(131072, ge=0)
+    """Maximum PDU size the node receives (0 means unlimited)."""
+
+    _ae = field_validator("ae_title")(classmethod(lambda cls, v: _check_ae_title(v)))
+
+
+class StorageSettings(BaseModel):
+    """Where instances, results and the de-identified archive live."""
+
+    root: Path = Path("../var/storage")
+    min_free_mb: int = Field(500, ge=0)
+    """Below this much free space C-STORE is answered 0xA700 (out of resources)."""
+
+
+class DatabaseSettings(BaseModel):
+    url: str = "sqlite:///../var/lungnode.db"
+    """SQLAlchemy URL; ``postgresql+psycopg://user@host/db`` for PostgreSQL."""
+    echo: bool = False
+
+
+class CompletionSettings(BaseModel):
+    stable_seconds: float = Field(10.0, ge=0)
+    """A study is complete when no instance has arrived for this long."""
+    poll_seconds: float = Field(1.0, gt=0)
+
+
+class WorkerSettings(BaseModel):
+    count: int = Field(1, ge=0)
+    """Analysis workers in the ``serve`` process (0: only receive)."""
+    lease_seconds: float = Field(900.0, gt=0)
+    """A claimed job whose worker stopped renewing it is re-claimed after this long."""
+    poll_seconds: float = Field(1.0, gt=0)
+
+
+class SelectionSettings(BaseModel):
+    min_slices: int = Field(20, ge=1)
+    max_slice_thickness_mm: float = Field(10.0, gt=0)
+    kernel_preference: Literal["smooth", "sharp", "any"] = "smooth"
+    """Prefer smooth/standard kernels (QIBA lung density) or sharp lung kernels."""
+    sharp_noise_hu: float = Field(40.0, gt=0)
+    """Where the kernel is unknown, noise (HU SD in air) above this marks a sharp kernel."""
+
+
+class AnalysisSettings(BaseModel):
+    opacity_low_hu: float = -700.0
+    opacity_high_hu: float = -300.0
+    high_opacity_high_hu: float = 100.0
+    normal_below_percent: float = Field(1.0, ge=0)
+    """Percentage of opacity under which a study counts as CT-0."""
+    anonymize: bool = True
+    """Write the de-identified archive copy before analysis."""
+
+
+class Peer(BaseModel):
+    """A DICOM application entity the node talks to."""
+
+    name: str
+    ae_title: str
+    host: str
+    port: int = Field(ge=1, le=65535)
+
+    _ae = field_validator("ae_title")(classmethod(lambda cls, v: _check_ae_title(v)))
+
+
+class DeliverySettings(BaseModel):
+    destinations: list[str] = Field(default_factory=list)
+    """Peer names that receive every result."""
+    max_attempts: int = Field(8, ge=1)
+    backoff_seconds: float = Field(5.0, gt=0)
+    backoff_max_seconds: float = Field(900.0, gt=0)
+    poll_seconds: float = Field(1.0, gt=0)
+    send_summary_image: bool = True
+
+
+class WebSettings(BaseModel):
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = Field(8088, ge=1, le=65535)
+
+
+class Settings(BaseSettings):
+    """The whole configuration; see ``config/lungnode.toml`` for every key."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="LUNGNODE_", env_nested_delimiter="__", extra="forbid"
+    )
+
+    dicom: DicomSettings = Field(default_factory=DicomSettings)
+    storage: StorageSettings = Field(default_factory=StorageSettings)
+    database: DatabaseSettings = Field(default_factory=DatabaseSettings)
+    completion: CompletionSettings = Field(default_factory=CompletionSettings)
+    worker: WorkerSettings = Field(default_factory=WorkerSettings)
+    selection: SelectionSettings = Field(default_factory=SelectionSettings)
+    analysis: AnalysisSettings = Field(default_factory=AnalysisSettings)
+    peers: list[Peer] = Field(default_factory=list)
+    delivery: DeliverySettings = Field(default_factory=DeliverySettings)
+    web: WebSettings = Field(default_factory=WebSettings)
+    log_level: str = "INFO"
+    config_path: Path | None = None
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Environment first: it overrides what the TOML file (passed as init) says.
+        return (env_settings, init_settings)
+
+    def peer(self, name: str) -> Peer:
+        """The peer called ``name``; :class:`ConfigError` when there is none."""
+        for p in self.peers:
+            if p.name == name:
+                return p
+        known = ", ".join(p.name for p in self.peers) or "none"
+        raise ConfigError(f"no peer named {name!r} in [[peers]] (known: {known})")
+
+    @property
+    def archive_root(self) -> Path:
+        return self.storage.root / "archive"
+
+    @property
+    def results_root(self) -> Path:
+        return self.storage.root / "results"
+
+    @property
+    def incoming_root(self) -> Path:
+        return self.storage.root / "instances"
+
+
+def default_config_path() -> Path:
+    """``$LUNGNODE_CONFIG`` or ``config/lungnode.toml`` of the checkout."""
+    env = os.environ.get("LUNGNODE_CONFIG")
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parent.parent / "config" / "lungnode.toml"
+
+
+def _resolve(base: Path, path: Path) -> Path:
+    return path if path.is_absolute() else (base / path).resolve()
+
+
+def _resolve_sqlite(base: Path, url: str) -> str:
+    prefix = "sqlite:///"
+    if url.startswith(prefix) and not url.startswith("sqlite:////"):
+        rest = url[len(prefix):]
+        if rest and rest != ":memory:" and not rest.startswith("file:"):
+            return prefix + str(_resolve(base, Path(rest)))
+    return url
+
+
+def load_settings(path: Path | None = None) -> Settings:
+    """Read the TOML file, apply environment overrides, resolve relative paths.
+
+    Raises
+    ------
+    ConfigError
+        The file is missing, not TOML, has an unknown key or an invalid value.
+    """
+    path = (path or default_config_path()).resolve()
+    data: dict[str, Any] = {}
+    if path.exists():
+        try:
+            data = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path} is not valid TOML: {exc}") from exc
+    elif path != default_config_path().resolve():
+        raise ConfigError(f"configuration file {path} does not exist")
+    try:
+        settings = Settings(**data)
+    except ValidationError as exc:
+        raise ConfigError(f"invalid configuration in {path} or LUNGNODE_* variables:\n{exc}") from exc
+    base = path.parent
+    settings.storage.root = _resolve(base, settings.storage.root)
+    settings.database.url = _resolve_sqlite(base, settings.database.url)
+    settings.config_path = path
+    names = {p.name for p in settings.peers}
+    missing = [d for d in settings.delivery.destinations if d not in names]
+    if missing:
+        raise ConfigError(f"[delivery] destinations {missing} are not names of [[peers]]")
+    return settings
