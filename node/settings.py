@@ -12,7 +12,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from node.errors import ConfigError
@@ -36,6 +36,10 @@ __all__ = [
 _AE_TITLE_MAX = 16
 
 
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
 def _check_ae_title(value: str) -> str:
     value = value.strip()
     if not value or len(value) > _AE_TITLE_MAX or "\\" in value:
@@ -43,7 +47,7 @@ def _check_ae_title(value: str) -> str:
     return value
 
 
-class DicomSettings(BaseModel):
+class DicomSettings(_Section):
     """The DICOM listener (SCP) and the node's own AE title as SCU."""
 
     ae_title: str = "LUNGNODE"
@@ -63,27 +67,29 @@ class DicomSettings(BaseModel):
     _ae = field_validator("ae_title")(classmethod(lambda cls, v: _check_ae_title(v)))
 
 
-class StorageSettings(BaseModel):
+class StorageSettings(_Section):
     """Where instances, results and the de-identified archive live."""
 
     root: Path = Path("../var/storage")
     min_free_mb: int = Field(500, ge=0)
     """Below this much free space C-STORE is answered 0xA700 (out of resources)."""
+    fsync: bool = True
+    """Flush every received file to the device before acknowledging it."""
 
 
-class DatabaseSettings(BaseModel):
+class DatabaseSettings(_Section):
     url: str = "sqlite:///../var/lungnode.db"
     """SQLAlchemy URL; ``postgresql+psycopg://user@host/db`` for PostgreSQL."""
     echo: bool = False
 
 
-class CompletionSettings(BaseModel):
+class CompletionSettings(_Section):
     stable_seconds: float = Field(10.0, ge=0)
     """A study is complete when no instance has arrived for this long."""
     poll_seconds: float = Field(1.0, gt=0)
 
 
-class WorkerSettings(BaseModel):
+class WorkerSettings(_Section):
     count: int = Field(1, ge=0)
     """Analysis workers in the ``serve`` process (0: only receive)."""
     lease_seconds: float = Field(900.0, gt=0)
@@ -91,7 +97,7 @@ class WorkerSettings(BaseModel):
     poll_seconds: float = Field(1.0, gt=0)
 
 
-class SelectionSettings(BaseModel):
+class SelectionSettings(_Section):
     min_slices: int = Field(20, ge=1)
     max_slice_thickness_mm: float = Field(10.0, gt=0)
     kernel_preference: Literal["smooth", "sharp", "any"] = "smooth"
@@ -100,7 +106,7 @@ class SelectionSettings(BaseModel):
     """Where the kernel is unknown, noise (HU SD in air) above this marks a sharp kernel."""
 
 
-class AnalysisSettings(BaseModel):
+class AnalysisSettings(_Section):
     opacity_low_hu: float = -700.0
     opacity_high_hu: float = -300.0
     high_opacity_high_hu: float = 100.0
@@ -110,7 +116,7 @@ class AnalysisSettings(BaseModel):
     """Write the de-identified archive copy before analysis."""
 
 
-class Peer(BaseModel):
+class Peer(_Section):
     """A DICOM application entity the node talks to."""
 
     name: str
@@ -121,7 +127,7 @@ class Peer(BaseModel):
     _ae = field_validator("ae_title")(classmethod(lambda cls, v: _check_ae_title(v)))
 
 
-class DeliverySettings(BaseModel):
+class DeliverySettings(_Section):
     destinations: list[str] = Field(default_factory=list)
     """Peer names that receive every result."""
     max_attempts: int = Field(8, ge=1)
@@ -131,7 +137,7 @@ class DeliverySettings(BaseModel):
     send_summary_image: bool = True
 
 
-class WebSettings(BaseModel):
+class WebSettings(_Section):
     enabled: bool = True
     host: str = "127.0.0.1"
     port: int = Field(8088, ge=1, le=65535)

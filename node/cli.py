@@ -1,0 +1,410 @@
+"""``lungnode``: the command line and the composition root.
+
+Only this module wires :mod:`node`, :mod:`model` and :mod:`training` together;
+configuration is loaded here once and passed down.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import sys
+from collections import defaultdict
+from pathlib import Path
+from typing import Annotated
+
+import pydicom
+import typer
+from rich.console import Console
+from rich.progress import Progress
+from rich.table import Table
+from sqlalchemy import or_, select
+
+from node.db import AuditEntry, Job, ResultObject, Series, Study, make_engine, make_session_factory
+from node.errors import ConfigError, DeliveryError, LungnodeError
+from node.migrate import upgrade
+from node.records import StoredInstance, StoredStudy
+from node.settings import Settings, load_settings
+
+app = typer.Typer(help="lungnode: DICOM analysis node for chest CT.", no_args_is_help=True,
+                  pretty_exceptions_enable=False)
+deliveries_app = typer.Typer(help="Result deliveries (the outbox).", invoke_without_command=True)
+db_app = typer.Typer(help="Database schema.")
+config_app = typer.Typer(help="Configuration.")
+app.add_typer(deliveries_app, name="deliveries")
+app.add_typer(db_app, name="db")
+app.add_typer(config_app, name="config")
+
+console = Console()
+err_console = Console(stderr=True)
+logger = logging.getLogger("lungnode")
+
+ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="TOML configuration file "
+                                                "(default $LUNGNODE_CONFIG or config/lungnode.toml)")]
+
+
+class _State:
+    config: Path | None = None
+    settings: Settings | None = None
+
+
+_state = _State()
+
+
+def _settings() -> Settings:
+    if _state.settings is None:
+        try:
+            _state.settings = load_settings(_state.config)
+        except ConfigError as exc:
+            err_console.print(f"[red]configuration error:[/red] {exc}")
+            raise typer.Exit(2) from exc
+        logging.basicConfig(level=_state.settings.log_level.upper(),
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        logging.getLogger("alembic").setLevel(logging.WARNING)
+        logging.getLogger("apscheduler").setLevel(logging.WARNING)
+        logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    return _state.settings
+
+
+@app.callback()
+def main(config: ConfigOpt = None) -> None:
+    """lungnode: receive chest CT, analyse it, send SR/SEG/summary back."""
+    _state.config = config
+    _state.settings = None
+
+
+def _sessions():  # type: ignore[no-untyped-def]
+    s = _settings()
+    upgrade(s.database.url)
+    return make_session_factory(make_engine(s.database.url))
+
+
+def _load_predictor(s: Settings):  # type: ignore[no-untyped-def]
+    """The severity network's predictor when a model is configured (issue: CNN)."""
+    try:
+        from model.inference import load_default_predictor  # type: ignore[attr-defined]
+    except ImportError:
+        return None
+    return load_default_predictor(s)  # pragma: no cover - wired when the model exists
+
+
+@app.command()
+def serve(config: ConfigOpt = None) -> None:
+    """Run the node: DICOM listener, workers, scheduler and web page."""
+    from node.service import Node
+
+    if config is not None:
+        _state.config = config
+    s = _settings()
+    node = Node(s, _load_predictor(s))
+    node.start()
+    console.print(f"lungnode {s.dicom.ae_title} listening on {s.dicom.host}:{s.dicom.port}; "
+                  f"storage {s.storage.root}; database {_safe_url(s.database.url)}")
+
+    def _term(signum: int, frame: object) -> None:
+        node._stop.set()
+
+    signal.signal(signal.SIGTERM, _term)
+    signal.signal(signal.SIGINT, _term)
+    node.wait()
+    node.stop()
+
+
+@app.command()
+def worker(config: ConfigOpt = None) -> None:
+    """Run analysis workers only (scale-out next to a `serve` on a shared PostgreSQL)."""
+    from node.service import Node
+
+    if config is not None:
+        _state.config = config
+    s = _settings()
+    node = Node(s, _load_predictor(s), receive=False, schedule=False)
+    node.start()
+    signal.signal(signal.SIGTERM, lambda *_: node._stop.set())
+    signal.signal(signal.SIGINT, lambda *_: node._stop.set())
+    node.wait()
+    node.stop()
+
+
+def _safe_url(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)
+
+
+@app.command()
+def echo(peer: str) -> None:
+    """C-ECHO a configured peer."""
+    from pynetdicom import AE
+
+    s = _settings()
+    try:
+        p = s.peer(peer)
+    except ConfigError as exc:
+        err_console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(2) from exc
+    ae = AE(ae_title=s.dicom.ae_title)
+    ae.add_requested_context("1.2.840.10008.1.1")
+    ae.acse_timeout = ae.network_timeout = s.dicom.network_timeout
+    assoc = ae.associate(p.host, p.port, ae_title=p.ae_title)
+    if not assoc.is_established:
+        err_console.print(f"[red]{peer} ({p.ae_title}@{p.host}:{p.port}) did not accept an "
+                          "association[/red]")
+        raise typer.Exit(1)
+    status = assoc.send_c_echo()
+    assoc.release()
+    code = int(status.Status) if status and "Status" in status else None
+    if code != 0:
+        err_console.print(f"[red]C-ECHO status {code}[/red]")
+        raise typer.Exit(1)
+    console.print(f"{peer}: C-ECHO OK")
+
+
+def _dicom_files(paths: list[Path]) -> list[Path]:
+    files: list[Path] = []
+    for p in paths:
+        if p.is_dir():
+            files.extend(sorted(f for f in p.rglob("*") if f.is_file() and not f.name.startswith(".")))
+        elif p.is_file():
+            files.append(p)
+        else:
+            err_console.print(f"[red]{p} does not exist[/red]")
+            raise typer.Exit(2)
+    return [f for f in files if pydicom.misc.is_dicom(f)]
+
+
+@app.command()
+def send(paths: list[Path], to: Annotated[str, typer.Option("--to", help="peer name")]) -> None:
+    """C-STORE DICOM files or folders to a peer, with a progress bar."""
+    from node.outbox import send_files
+
+    s = _settings()
+    try:
+        peer = s.peer(to)
+    except ConfigError as exc:
+        err_console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(2) from exc
+    files = _dicom_files(paths)
+    if not files:
+        err_console.print("[red]no DICOM files found[/red]")
+        raise typer.Exit(2)
+    with Progress(console=err_console) as progress:
+        task = progress.add_task(f"sending to {to}", total=len(files))
+        try:
+            results = send_files(files, peer, s.dicom, lambda: progress.advance(task))
+        except DeliveryError as exc:
+            err_console.print(f"[red]{exc}[/red]")
+            raise typer.Exit(1) from exc
+    bad = [(p, st, m) for p, st, m in results if st is None or (st != 0 and not 0xB000 <= st <= 0xBFFF)]
+    for p, st, m in bad:
+        err_console.print(f"[red]{p}: {'not sent' if st is None else f'status 0x{st:04X}'} {m}[/red]")
+    console.print(f"sent {len(results) - len(bad)} of {len(files)} files to {to}")
+    if bad:
+        raise typer.Exit(1)
+
+
+@app.command()
+def studies(limit: int = 50, as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """Table of studies with state, reason and deliveries."""
+    from node.web import study_rows
+
+    with _sessions()() as session:
+        rows = study_rows(session, limit)
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    table = Table("id", "Study Instance UID", "state", "inst.", "ver.", "deliveries", "reason")
+    for r in rows:
+        table.add_row(str(r["id"]), r["study_instance_uid"], r["state"], str(r["instances"]),
+                      str(r["result_version"]),
+                      ", ".join(f"{k} {v}" for k, v in r["deliveries"].items() if v),
+                      r["reason"][:120])
+    console.print(table)
+
+
+def _find_study(session, ref: str) -> Study:  # type: ignore[no-untyped-def]
+    cond = Study.study_instance_uid == ref
+    if ref.isdigit():
+        cond = or_(cond, Study.id == int(ref))
+    study = session.scalars(select(Study).where(cond)).first()
+    if study is None:
+        err_console.print(f"[red]no study {ref!r} (give its id or Study Instance UID)[/red]")
+        raise typer.Exit(1)
+    return study
+
+
+@app.command()
+def show(study: str) -> None:
+    """Everything the node knows about one study (id or Study Instance UID)."""
+    with _sessions()() as session:
+        st = _find_study(session, study)
+        console.print(f"[bold]study {st.id}[/bold] {st.study_instance_uid}")
+        console.print(f"state: {st.state.value}" + (f" - {st.reason}" if st.reason else ""))
+        console.print(f"instances: {st.instance_count} (analysed {st.analysed_instance_count}), "
+                      f"last received {st.last_received_at:%Y-%m-%d %H:%M:%S} UTC")
+        for se in session.scalars(select(Series).where(Series.study_id == st.id)):
+            mark = " [chosen]" if se.series_instance_uid == st.selected_series_uid else ""
+            console.print(f"  series {se.series_instance_uid} {se.modality or ''} "
+                          f"{se.instance_count} instances{mark}")
+        if st.selection_reason:
+            console.print(f"selection: {st.selection_reason}")
+        if st.summary:
+            console.print_json(st.summary)
+        for job in session.scalars(select(Job).where(Job.study_id == st.id).order_by(Job.id)):
+            console.print(f"job {job.id}: {job.state.value}, attempts {job.attempts}"
+                          + (f", error: {job.error}" if job.error else ""))
+        for obj in session.scalars(select(ResultObject).where(ResultObject.study_id == st.id)
+                                   .order_by(ResultObject.id)):
+            states = ", ".join(f"{d.destination} {d.state.value}" for d in obj.deliveries)
+            console.print(f"result v{obj.version} {obj.kind} {obj.sop_instance_uid} [{states}]")
+        console.print("audit log:")
+        for a in session.scalars(select(AuditEntry).where(AuditEntry.study_id == st.id)
+                                 .order_by(AuditEntry.id)):
+            console.print(f"  {a.at:%Y-%m-%d %H:%M:%S} {a.actor} {a.action} {a.detail or ''}")
+
+
+@app.command()
+def retry(study: str) -> None:
+    """Queue a new analysis of a failed, rejected or complete study."""
+    from node.jobs import requeue_study
+
+    with _sessions()() as session:
+        st = _find_study(session, study)
+        try:
+            job = requeue_study(session, st, actor="cli")
+        except LungnodeError as exc:
+            err_console.print(f"[red]{exc}[/red]")
+            raise typer.Exit(1) from exc
+        console.print(f"study {st.id} queued as job {job.id}")
+
+
+def _folder_study(folder: Path) -> StoredStudy:
+    by_study: dict[str, list[StoredInstance]] = defaultdict(list)
+    for f in _dicom_files([folder]):
+        ds = pydicom.dcmread(f, stop_before_pixels=True)
+        if "SOPInstanceUID" not in ds or "StudyInstanceUID" not in ds:
+            continue
+        by_study[str(ds.StudyInstanceUID)].append(StoredInstance(
+            path=f, sop_instance_uid=str(ds.SOPInstanceUID), sop_class_uid=str(ds.SOPClassUID),
+            series_instance_uid=str(ds.SeriesInstanceUID)))
+    if not by_study:
+        raise LungnodeError(f"no DICOM instances under {folder}")
+    if len(by_study) > 1:
+        raise LungnodeError(f"{folder} holds {len(by_study)} studies; give a folder with one")
+    uid, instances = next(iter(by_study.items()))
+    return StoredStudy(study_instance_uid=uid, instances=tuple(instances))
+
+
+@app.command()
+def analyze(dicom_dir: Path, out: Annotated[Path, typer.Option("--out", help="output folder")]) -> None:
+    """Run the pipeline offline on a folder; write SR/SEG/summary to OUT; print JSON."""
+    from model.errors import AnalysisError
+    from node.pipeline import (
+        ALGORITHM_NAME,
+        ALGORITHM_VERSION,
+        analyse,
+        selection_rules,
+        summarise,
+        write_results,
+    )
+    from node.reports import ReportContext, build_reports
+    from node.selection import select_series
+
+    s = _settings()
+    try:
+        stored = _folder_study(dicom_dir)
+        selected = select_series(stored, selection_rules(s.selection))
+        analysis = analyse(selected, s.analysis, _load_predictor(s))
+        objects = build_reports(ReportContext(
+            volume=analysis.volume, masks=analysis.masks, quantification=analysis.quantification,
+            prediction=analysis.prediction, algorithm_name=ALGORITHM_NAME,
+            algorithm_version=ALGORITHM_VERSION), analysis.source_headers)
+        paths = write_results(objects, out)
+    except (LungnodeError, AnalysisError) as exc:
+        err_console.print(f"[red]{type(exc).__name__}: {exc}[/red]")
+        raise typer.Exit(1) from exc
+    result = summarise(analysis)
+    result["outputs"] = {k: str(v) for k, v in paths.items()}
+    print(json.dumps(result, indent=2))
+
+
+@app.command()
+def synth(
+    directory: Path,
+    involvement: Annotated[float, typer.Option(help="fraction 0..1 of lung diseased")] = 0.2,
+    seed: int = 0,
+    slices: Annotated[int | None, typer.Option(help="number of slices (default: cover the chest)")] = None,
+    thickness: Annotated[float, typer.Option(help="slice thickness and interval, mm")] = 2.5,
+    rows: Annotated[int, typer.Option(help="image size (rows = columns)")] = 512,
+    kernel: str = "B40f",
+) -> None:
+    """Write a synthetic chest CT study with known ground truth."""
+    from training.synth import SynthSpec, write_study
+
+    if not 0.0 <= involvement <= 1.0:
+        err_console.print("[red]--involvement is a fraction between 0 and 1[/red]")
+        raise typer.Exit(2)
+    study = write_study(directory, SynthSpec(involvement=involvement, seed=seed, slices=slices,
+                                             slice_thickness_mm=thickness, rows=rows, kernel=kernel))
+    print(json.dumps({"dicom_dir": str(study.dicom_dir), "files": len(study.paths),
+                      "study_instance_uid": study.study_instance_uid,
+                      "series_instance_uid": study.series_instance_uid,
+                      "truth": str(study.directory / "truth.json")}, indent=2))
+
+
+@deliveries_app.callback()
+def deliveries(ctx: typer.Context, limit: int = 100,
+               as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """List deliveries (pending, sent, dead) with their last error."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from node.web import delivery_rows
+
+    with _sessions()() as session:
+        rows = delivery_rows(session, limit)
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    table = Table("id", "Study Instance UID", "object", "ver.", "destination", "state", "attempts",
+                  "next attempt", "last error")
+    for r in rows:
+        table.add_row(str(r["id"]), r["study_instance_uid"], r["kind"], str(r["version"]),
+                      r["destination"], r["state"], str(r["attempts"]), r["next_attempt_at"],
+                      r["last_error"][:80])
+    console.print(table)
+
+
+@deliveries_app.command("retry")
+def deliveries_retry(delivery_id: int) -> None:
+    """Re-queue a dead delivery for an immediate attempt."""
+    from node.outbox import retry_delivery
+
+    with _sessions()() as session:
+        try:
+            d = retry_delivery(session, delivery_id, actor="cli")
+        except DeliveryError as exc:
+            err_console.print(f"[red]{exc}[/red]")
+            raise typer.Exit(1) from exc
+        console.print(f"delivery {d.id} to {d.destination} re-queued")
+
+
+@db_app.command("upgrade")
+def db_upgrade(revision: str = "head") -> None:
+    """Create or upgrade the database schema (Alembic)."""
+    s = _settings()
+    upgrade(s.database.url, revision)
+    console.print(f"database {_safe_url(s.database.url)} at {revision}")
+
+
+@config_app.command("show")
+def config_show() -> None:
+    """Print the effective configuration (file + environment) as JSON."""
+    s = _settings()
+    data = s.model_dump(mode="json")
+    data["database"]["url"] = _safe_url(s.database.url)
+    print(json.dumps(data, indent=2))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(app())

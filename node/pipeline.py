@@ -1,0 +1,316 @@
+"""The orchestrator: chains the stages for one job and records what happened.
+
+Stages are pure functions (selection, anonymisation, volume, lungs,
+quantification, inference, reports); this module is the only place that
+catches their errors, writes state to the database and turns an error into a
+reason on the study.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pydicom
+from pydicom.dataset import Dataset
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from model.errors import AnalysisError
+from model.lungs import LungMasks, segment_lungs
+from model.prediction import Prediction
+from model.quantify import OpacityThresholds, Quantification, quantify
+from model.volume import CTVolume, load_series
+from node.anonymize import anonymize
+from node.catalog import stored_study
+from node.db import (
+    AuditEntry,
+    Delivery,
+    Job,
+    JobState,
+    ResultObject,
+    Study,
+    StudyState,
+    UidMapping,
+    utcnow,
+)
+from node.errors import LungnodeError, SelectionError
+from node.jobs import ClaimedJob, finish_job_failed, renew_lease
+from node.records import SelectedSeries
+from node.reports import ReportContext, ResultObjects, build_reports
+from node.selection import SelectionRules, select_series
+from node.settings import AnalysisSettings, SelectionSettings, Settings
+from node.state import transition
+from node.storage import atomic_write
+
+__all__ = [
+    "ALGORITHM_NAME",
+    "ALGORITHM_VERSION",
+    "Analysis",
+    "NodeContext",
+    "Predictor",
+    "analyse",
+    "run_job",
+    "selection_rules",
+    "summarise",
+    "write_results",
+]
+
+logger = logging.getLogger(__name__)
+
+ALGORITHM_NAME = "lungnode"
+ALGORITHM_VERSION = "0.1.0"
+
+Predictor = Callable[[CTVolume, LungMasks], Prediction]
+"""Runs the severity network on a volume (see :mod:`model.inference`)."""
+
+
+@dataclass(frozen=True, eq=False)
+class Analysis:
+    """Everything measured for one series."""
+
+    selected: SelectedSeries
+    volume: CTVolume
+    masks: LungMasks
+    quantification: Quantification
+    prediction: Prediction | None
+    source_headers: tuple[Dataset, ...]
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def selection_rules(s: SelectionSettings) -> SelectionRules:
+    return SelectionRules(min_slices=s.min_slices, max_slice_thickness_mm=s.max_slice_thickness_mm,
+                          kernel_preference=s.kernel_preference, sharp_noise_hu=s.sharp_noise_hu)
+
+
+def analyse(selected: SelectedSeries, settings: AnalysisSettings,
+            predictor: Predictor | None = None) -> Analysis:
+    """Load, segment, quantify and (when a predictor is given) classify one series."""
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    volume = load_series(list(selected.paths))
+    headers = tuple(pydicom.dcmread(p, stop_before_pixels=True) for p in volume.paths)
+    timings["load"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    masks = segment_lungs(volume)
+    timings["segment"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    thresholds = OpacityThresholds(settings.opacity_low_hu, settings.opacity_high_hu,
+                                   settings.high_opacity_high_hu)
+    quant = quantify(volume, masks, thresholds, normal_below_percent=settings.normal_below_percent)
+    timings["quantify"] = time.perf_counter() - t0
+    prediction = None
+    if predictor is not None:
+        t0 = time.perf_counter()
+        prediction = predictor(volume, masks)
+        timings["cnn"] = time.perf_counter() - t0
+    return Analysis(selected, volume, masks, quant, prediction, headers, timings)
+
+
+def summarise(analysis: Analysis) -> dict[str, Any]:
+    """The JSON object of ``lungnode analyze`` (and the study's stored summary)."""
+    q = analysis.quantification
+    out: dict[str, Any] = {
+        "study_instance_uid": analysis.selected.study_instance_uid,
+        "series_instance_uid": analysis.volume.series_instance_uid,
+        "selection_reason": analysis.selected.reason,
+        "slices": analysis.volume.shape[0],
+        "lung_volume_ml": {"left": round(q.left.volume_ml, 1), "right": round(q.right.volume_ml, 1),
+                           "total": round(q.total.volume_ml, 1)},
+        "percent_opacity": {"left": round(q.left.percent_opacity, 2),
+                            "right": round(q.right.percent_opacity, 2),
+                            "total": round(q.total.percent_opacity, 2)},
+        "percent_high_opacity": {"left": round(q.left.percent_high_opacity, 2),
+                                 "right": round(q.right.percent_high_opacity, 2),
+                                 "total": round(q.total.percent_high_opacity, 2)},
+        "severity_category": q.severity_category,
+        "quality_flags": list(q.quality_flags),
+        "algorithm": {"name": ALGORITHM_NAME, "version": ALGORITHM_VERSION},
+        "timings_s": {k: round(v, 3) for k, v in analysis.timings.items()},
+    }
+    p = analysis.prediction
+    if p is not None:
+        out["model"] = {"name": p.model_name, "version": p.model_version,
+                        "sha256": p.model_sha256, "device": p.device}
+        out["probabilities"] = {k: round(v, 4) for k, v in p.probabilities.items()}
+        out["predicted_class"] = p.predicted_class
+        out["p_covid"] = round(p.p_covid, 4)
+    return out
+
+
+def write_results(objects: ResultObjects, out_dir: Path) -> dict[str, Path]:
+    """Write the SR, SEG and summary image as part-10 files; returns kind to path."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for kind, ds in (("sr", objects.sr), ("seg", objects.seg), ("summary", objects.summary)):
+        path = out_dir / f"{kind}.dcm"
+        buffer = pydicom.filebase.DicomBytesIO()
+        pydicom.dcmwrite(buffer, ds, enforce_file_format=True)
+        atomic_write(path, buffer.getvalue())
+        paths[kind] = path
+    return paths
+
+
+@dataclass
+class NodeContext:
+    """What a worker needs; built once by the composition root (``serve``/``worker``)."""
+
+    settings: Settings
+    sessions: sessionmaker[Session]
+    owner: str
+    predictor: Predictor | None = None
+
+
+def _anonymization_salt(archive_root: Path) -> str:
+    """A per-installation secret for the UID hash, created on first use."""
+    path = archive_root / ".salt"
+    if not path.exists():
+        archive_root.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, secrets.token_hex(32).encode())
+    return path.read_text().strip()
+
+
+class _Heartbeat:
+    """Renews the job's lease in the background while the stages run."""
+
+    def __init__(self, ctx: NodeContext, job_id: int) -> None:
+        self.ctx, self.job_id = ctx, job_id
+        self.lost = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True, name=f"lease-{job_id}")
+
+    def _run(self) -> None:
+        lease = self.ctx.settings.worker.lease_seconds
+        while not self._stop.wait(max(lease / 3.0, 0.5)):
+            if not renew_lease(self.ctx.sessions, self.job_id, self.ctx.owner, lease):
+                self.lost.set()
+                return
+
+    def __enter__(self) -> _Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def run_job(ctx: NodeContext, claimed: ClaimedJob) -> StudyState:
+    """Run one claimed analysis job to its end state; never raises for bad data."""
+    s = ctx.settings
+    with ctx.sessions() as session:
+        stored = stored_study(session, claimed.study_id, s.storage.root)
+        study = session.get_one(Study, claimed.study_id)
+        version = study.result_version + 1
+        previous_sr = session.scalars(
+            select(ResultObject).where(ResultObject.study_id == study.id,
+                                       ResultObject.kind == "sr")
+            .order_by(ResultObject.version.desc())).first()
+        previous_sr_path = s.storage.root / previous_sr.path if previous_sr else None
+        uid_map = {m.original_uid: m.anonymized_uid for m in session.scalars(
+            select(UidMapping).where(UidMapping.study_id == study.id))}
+    try:
+        with _Heartbeat(ctx, claimed.job_id) as heartbeat:
+            selected = select_series(stored, selection_rules(s.selection))
+            _record_selection(ctx, claimed, selected)
+            if s.analysis.anonymize:
+                archived = anonymize(selected, s.archive_root, uid_map,
+                                     salt=_anonymization_salt(s.archive_root))
+                _record_uid_map(ctx, claimed, uid_map, archived.uid_map)
+            analysis = analyse(selected, s.analysis, ctx.predictor)
+            predecessor = (pydicom.dcmread(previous_sr_path, stop_before_pixels=True)
+                           if previous_sr_path and previous_sr_path.exists() else None)
+            objects = build_reports(ReportContext(
+                volume=analysis.volume, masks=analysis.masks,
+                quantification=analysis.quantification, prediction=analysis.prediction,
+                algorithm_name=ALGORITHM_NAME, algorithm_version=ALGORITHM_VERSION,
+                version=version, predecessor_sr=predecessor,
+            ), analysis.source_headers)
+            rel_dir = f"results/{claimed.study_instance_uid}/v{version}-job{claimed.job_id}"
+            paths = write_results(objects, s.storage.root / rel_dir)
+            if heartbeat.lost.is_set():
+                logger.warning("job %d: lease lost; results discarded", claimed.job_id)
+                return StudyState.ANALYSING
+            return _commit_results(ctx, claimed, version, objects, paths, rel_dir,
+                                   summarise(analysis))
+    except SelectionError as exc:
+        with ctx.sessions() as session:
+            finish_job_failed(session, claimed.job_id, ctx.owner, str(exc), StudyState.REJECTED)
+        return StudyState.REJECTED
+    except (AnalysisError, LungnodeError, OSError) as exc:
+        msg = f"{type(exc).__name__}: {exc}"
+    except Exception as exc:  # noqa: BLE001 - an unforeseen error must not stop the worker
+        logger.exception("job %d: unexpected error", claimed.job_id)
+        msg = f"internal error ({type(exc).__name__}: {exc}); please report it with the log"
+    with ctx.sessions() as session:
+        finish_job_failed(session, claimed.job_id, ctx.owner, msg, StudyState.FAILED)
+    return StudyState.FAILED
+
+
+def _record_selection(ctx: NodeContext, claimed: ClaimedJob, selected: SelectedSeries) -> None:
+    with ctx.sessions() as session:
+        study = session.get_one(Study, claimed.study_id)
+        study.selected_series_uid = selected.series_instance_uid
+        study.selection_reason = selected.reason
+        session.add(AuditEntry(actor="worker", action="series-selected", study_id=study.id,
+                               detail=selected.reason))
+        session.commit()
+
+
+def _record_uid_map(ctx: NodeContext, claimed: ClaimedJob, known: dict[str, str],
+                    new_map: dict[str, str]) -> None:
+    added = {k: v for k, v in new_map.items() if k not in known}
+    if not added:
+        return
+    with ctx.sessions() as session:
+        for original, anon in added.items():
+            session.add(UidMapping(study_id=claimed.study_id, original_uid=original,
+                                   anonymized_uid=anon))
+        session.commit()
+
+
+def _commit_results(ctx: NodeContext, claimed: ClaimedJob, version: int, objects: ResultObjects,
+                    paths: dict[str, Path], rel_dir: str, summary: dict[str, Any]) -> StudyState:
+    """Record results, outbox rows and the end state in one transaction."""
+    with ctx.sessions() as session:
+        stmt = select(Job).where(Job.id == claimed.job_id)
+        if session.get_bind().dialect.name == "postgresql":
+            stmt = stmt.with_for_update()
+        job = session.scalars(stmt).one()
+        if job.state != JobState.RUNNING or job.lease_owner != ctx.owner:
+            session.rollback()
+            logger.warning("job %d: lease lost before commit; results discarded", claimed.job_id)
+            return StudyState.ANALYSING
+        study = session.get_one(Study, claimed.study_id)
+        destinations = ctx.settings.delivery.destinations
+        for kind, ds in (("sr", objects.sr), ("seg", objects.seg), ("summary", objects.summary)):
+            if kind == "summary" and not ctx.settings.delivery.send_summary_image:
+                continue
+            obj = ResultObject(study_id=study.id, job_id=job.id, version=version, kind=kind,
+                               sop_class_uid=str(ds.SOPClassUID),
+                               sop_instance_uid=str(ds.SOPInstanceUID),
+                               series_instance_uid=str(ds.SeriesInstanceUID),
+                               path=f"{rel_dir}/{paths[kind].name}")
+            session.add(obj)
+            session.flush()
+            for dest in destinations:
+                session.add(Delivery(result_object_id=obj.id, destination=dest))
+        now = utcnow()
+        job.state = JobState.DONE
+        job.finished_at = now
+        job.lease_owner = None
+        study.result_version = version
+        study.summary = json.dumps(summary)
+        transition(session, study, StudyState.COMPLETE,
+                   reason=f"result version {version}: {summary['severity_category']}, "
+                          f"{summary['percent_opacity']['total']:.1f} % opacity",
+                   actor="worker")
+        session.commit()
+    return StudyState.COMPLETE

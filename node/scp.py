@@ -1,0 +1,245 @@
+"""The DICOM listener: C-ECHO and C-STORE of CT images.
+
+The C-STORE handler stays tiny: check space and UIDs, write the encoded
+dataset to disk atomically, insert the instance row, answer.  No pixel data is
+decoded here; analysis happens in the worker.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from pydicom.dataset import Dataset
+from pydicom.uid import (
+    JPEG2000,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    RLELossless,
+)
+from pynetdicom import AE, evt
+from pynetdicom.events import Event
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    CTImageStorage,
+    EnhancedCTImageStorage,
+    Verification,
+)
+from pynetdicom.transport import ThreadedAssociationServer
+
+from node.catalog import Catalog, InstanceRecord
+from node.errors import StorageError
+from node.settings import DicomSettings, Peer
+from node.storage import InstanceStore, validate_uid
+
+__all__ = [
+    "ACCEPTED_SOP_CLASSES",
+    "ACCEPTED_TRANSFER_SYNTAXES",
+    "StoreSCP",
+    "set_tcp_nodelay",
+]
+
+logger = logging.getLogger(__name__)
+
+ACCEPTED_SOP_CLASSES: tuple[str, ...] = (CTImageStorage, EnhancedCTImageStorage)
+ACCEPTED_TRANSFER_SYNTAXES: tuple[str, ...] = (
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    JPEGLosslessSV1,
+    JPEGLossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEG2000Lossless,
+    JPEG2000,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    RLELossless,
+)
+
+STATUS_SUCCESS = 0x0000
+STATUS_OUT_OF_RESOURCES = 0xA700
+STATUS_DATASET_MISMATCH = 0xA900
+STATUS_CANNOT_UNDERSTAND = 0xC000
+
+
+def set_tcp_nodelay(event: Event) -> None:
+    """EVT_CONN_OPEN handler: send PDUs at once instead of waiting for delayed ACKs."""
+    sock = event.assoc.dul.socket
+    raw = getattr(sock, "socket", None)
+    if raw is not None:
+        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def _status(code: int, comment: str) -> Dataset:
+    ds = Dataset()
+    ds.Status = code
+    ds.ErrorComment = comment[:64]
+    return ds
+
+
+@dataclass(frozen=True)
+class _Refusal:
+    code: int
+    message: str
+
+
+class StoreSCP:
+    """C-ECHO and C-STORE service; :meth:`start` listens, :meth:`stop` closes.
+
+    Parameters
+    ----------
+    settings:
+        ``[dicom]`` section: AE title, address, limits and timeouts.
+    peers:
+        Known peers; with ``require_known_peers`` only their AE titles (and,
+        with ``check_peer_host``, their hosts) may associate.
+    store, catalog:
+        Where files and rows go.
+    """
+
+    def __init__(self, settings: DicomSettings, peers: Iterable[Peer], store: InstanceStore,
+                 catalog: Catalog) -> None:
+        self.settings = settings
+        self.peers = list(peers)
+        self.store = store
+        self.catalog = catalog
+        self._server: ThreadedAssociationServer | None = None
+        self._lock = threading.Lock()
+
+    # -- association control -------------------------------------------------
+    def _on_requested(self, event: Event) -> None:
+        assoc = event.assoc
+        calling = assoc.requestor.ae_title.strip()
+        address = assoc.requestor.address
+        if not self.settings.require_known_peers:
+            return
+        matches = [p for p in self.peers if p.ae_title == calling]
+        reason = None
+        if not matches:
+            reason = f"calling AE title {calling!r} from {address} is not a configured peer"
+            diagnostic = 0x03
+        elif self.settings.check_peer_host and not any(
+            _same_host(p.host, address) for p in matches
+        ):
+            reason = f"calling AE title {calling!r} connected from {address}, not its configured host"
+            diagnostic = 0x03
+        if reason:
+            self.catalog.record_refusal(None, "association-refused",
+                                        reason + "; add it to [[peers]] to accept it")
+            assoc.acse.send_reject(0x01, 0x01, diagnostic)
+
+    # -- C-STORE -----------------------------------------------------------
+    def _on_store(self, event: Event) -> int | Dataset:
+        refusal = self._check_and_store(event)
+        if refusal is None:
+            return STATUS_SUCCESS
+        return _status(refusal.code, refusal.message)
+
+    def _check_and_store(self, event: Event) -> _Refusal | None:
+        calling = event.assoc.requestor.ae_title.strip()
+        if not self.store.has_space():
+            free_mb = self.store.free_bytes() // (1024 * 1024)
+            msg = (f"out of disk space: {free_mb} MB free, "
+                   f"{self.store.min_free_bytes // (1024 * 1024)} MB required")
+            self.catalog.record_refusal(None, "instance-refused", msg)
+            return _Refusal(STATUS_OUT_OF_RESOURCES, msg)
+        ds = event.dataset
+        study_raw = ds.get("StudyInstanceUID")
+        try:
+            study_uid = validate_uid(study_raw, "Study Instance UID")
+            series_uid = validate_uid(ds.get("SeriesInstanceUID"), "Series Instance UID")
+            sop_uid = validate_uid(ds.get("SOPInstanceUID"), "SOP Instance UID")
+        except StorageError as exc:
+            detail = f"from {calling}: {exc}; nothing was stored"
+            study_known = None
+            try:
+                study_known = validate_uid(study_raw, "Study Instance UID")
+            except StorageError:
+                pass
+            self.catalog.record_refusal(study_known, "instance-refused", detail)
+            return _Refusal(STATUS_CANNOT_UNDERSTAND, str(exc))
+        sop_class = str(ds.get("SOPClassUID", ""))
+        context_class = event.context.abstract_syntax
+        problem = None
+        if sop_class != context_class:
+            problem = (f"SOP Class UID {sop_class or '(none)'} of SOP {sop_uid} does not match "
+                       f"the presentation context {context_class}")
+        elif "PixelData" not in ds and "FloatPixelData" not in ds:
+            problem = f"SOP {sop_uid} has no pixel data; a CT image needs it"
+        if problem:
+            self.catalog.record_refusal(study_uid, "instance-refused", problem)
+            return _Refusal(STATUS_DATASET_MISMATCH, problem)
+        if self.catalog.has_instance(sop_uid):
+            logger.info("SOP %s received again; already stored", sop_uid)
+            return None
+        data = event.encoded_dataset(include_meta=True)
+        stored = self.store.write(study_uid, series_uid, sop_uid, data)
+        self.catalog.record_instance(InstanceRecord(
+            study_instance_uid=study_uid, series_instance_uid=series_uid,
+            sop_instance_uid=sop_uid, sop_class_uid=sop_class,
+            transfer_syntax_uid=str(event.context.transfer_syntax),
+            modality=str(ds.get("Modality", "")) or None,
+            relative_path=stored.relative_path, size_bytes=stored.size_bytes,
+            calling_ae=calling,
+        ))
+        return None
+
+    # -- lifecycle -------------------------------------------------------------
+    def make_ae(self) -> AE:
+        s = self.settings
+        ae = AE(ae_title=s.ae_title)
+        ae.maximum_associations = s.max_associations
+        ae.acse_timeout = s.acse_timeout
+        ae.dimse_timeout = s.dimse_timeout
+        ae.network_timeout = s.network_timeout
+        ae.maximum_pdu_size = s.max_pdu
+        ae.require_called_aet = True
+        for sop_class in ACCEPTED_SOP_CLASSES:
+            ae.add_supported_context(sop_class, list(ACCEPTED_TRANSFER_SYNTAXES))
+        ae.add_supported_context(Verification)
+        return ae
+
+    def start(self) -> None:
+        """Listen on ``[dicom] host:port`` in background threads."""
+        handlers = [
+            (evt.EVT_CONN_OPEN, set_tcp_nodelay),
+            (evt.EVT_REQUESTED, self._on_requested),
+            (evt.EVT_C_STORE, self._on_store),
+            (evt.EVT_C_ECHO, lambda event: STATUS_SUCCESS),
+        ]
+        ae = self.make_ae()
+        self._server = ae.start_server((self.settings.host, self.settings.port), block=False,
+                                       evt_handlers=handlers)
+        logger.info("listening as %s on %s:%d", self.settings.ae_title, self.settings.host,
+                    self.settings.port)
+
+    @property
+    def port(self) -> int:
+        assert self._server is not None
+        return int(self._server.server_address[1])
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server = None
+
+
+def _same_host(configured: str, address: str) -> bool:
+    try:
+        resolved = {info[4][0] for info in socket.getaddrinfo(configured, None)}
+    except socket.gaierror:
+        resolved = {configured}
+    return address in resolved

@@ -1,0 +1,131 @@
+"""The running node: SCP, workers, scheduler ticks and the web page in one process.
+
+``lungnode serve`` builds a :class:`Node` and runs it until SIGTERM/SIGINT.
+``lungnode worker`` runs only workers (scale-out against PostgreSQL).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from apscheduler.schedulers.background import BackgroundScheduler  # type: ignore[import-untyped]
+from sqlalchemy.orm import Session, sessionmaker
+
+from node.catalog import Catalog
+from node.db import make_engine, make_session_factory
+from node.jobs import claim_job, lease_owner, queue_stable_studies, release_orphaned_leases
+from node.migrate import upgrade
+from node.outbox import deliver_due
+from node.pipeline import NodeContext, Predictor, run_job
+from node.scp import StoreSCP
+from node.settings import Settings
+from node.storage import InstanceStore
+from node.web import WebServer
+
+__all__ = ["Node"]
+
+logger = logging.getLogger(__name__)
+
+class Node:
+    """Every long-running part of lungnode, started and stopped together.
+
+    Parameters
+    ----------
+    settings:
+        The loaded configuration.
+    predictor:
+        The severity network's inference function, loaded once (``None``: no CNN).
+    receive, work, schedule:
+        Which parts run in this process.
+    """
+
+    def __init__(self, settings: Settings, predictor: Predictor | None = None, *,
+                 receive: bool = True, work: bool = True, schedule: bool = True) -> None:
+        self.settings = settings
+        self.engine = make_engine(settings.database.url, echo=settings.database.echo)
+        self.sessions: sessionmaker[Session] = make_session_factory(self.engine)
+        self.owner = lease_owner()
+        self.ctx = NodeContext(settings, self.sessions, self.owner, predictor)
+        self.store = InstanceStore(settings.storage.root, min_free_mb=settings.storage.min_free_mb,
+                                   fsync=settings.storage.fsync)
+        self.catalog = Catalog(self.sessions)
+        self.scp = StoreSCP(settings.dicom, settings.peers, self.store, self.catalog) if receive else None
+        self._work = work
+        self._schedule = schedule
+        self._stop = threading.Event()
+        self._workers: list[threading.Thread] = []
+        self._scheduler: BackgroundScheduler | None = None
+        self._web: WebServer | None = None
+
+    # -- periodic work ---------------------------------------------------------
+    def completion_tick(self) -> None:
+        with self.sessions() as session:
+            queued = queue_stable_studies(session, self.settings.completion.stable_seconds)
+        if queued:
+            logger.info("queued analysis of studies %s", queued)
+
+    def outbox_tick(self) -> None:
+        peers = {p.name: p for p in self.settings.peers}
+        deliver_due(self.sessions, self.settings.storage.root, peers, self.settings.dicom,
+                    self.settings.delivery, self.owner)
+
+    def work_once(self) -> bool:
+        """Claim and run one job; ``False`` when the queue was empty."""
+        with self.sessions() as session:
+            claimed = claim_job(session, self.owner, self.settings.worker.lease_seconds)
+        if claimed is None:
+            return False
+        state = run_job(self.ctx, claimed)
+        logger.info("job %d ended: study %s %s", claimed.job_id, claimed.study_instance_uid,
+                    state.value)
+        return True
+
+    def _worker_loop(self) -> None:
+        while not self._stop.is_set():
+            if not self.work_once():
+                self._stop.wait(self.settings.worker.poll_seconds)
+
+    # -- lifecycle -------------------------------------------------------------
+    def start(self) -> None:
+        s = self.settings
+        upgrade(s.database.url)
+        s.storage.root.mkdir(parents=True, exist_ok=True)
+        with self.sessions() as session:
+            release_orphaned_leases(session)
+        if self.scp is not None:
+            self.scp.start()
+        if self._schedule:
+            sched = BackgroundScheduler(timezone="UTC")
+            sched.add_job(self.completion_tick, "interval", seconds=s.completion.poll_seconds,
+                          id="completion", max_instances=1, coalesce=True)
+            if s.delivery.destinations:
+                sched.add_job(self.outbox_tick, "interval", seconds=s.delivery.poll_seconds,
+                              id="outbox", max_instances=1, coalesce=True)
+            sched.start()
+            self._scheduler = sched
+        if self._work:
+            for i in range(s.worker.count):
+                t = threading.Thread(target=self._worker_loop, name=f"worker-{i}", daemon=True)
+                t.start()
+                self._workers.append(t)
+        if s.web.enabled and self.scp is not None:
+            self._web = WebServer(s.web.host, s.web.port, self.sessions)
+            self._web.start()
+        logger.info("node %s ready (%d workers)", s.dicom.ae_title, len(self._workers))
+
+    def wait(self) -> None:
+        self._stop.wait()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self.scp is not None:
+            self.scp.stop()
+        if self._scheduler is not None:
+            self._scheduler.shutdown(wait=True)
+        for t in self._workers:
+            t.join(timeout=60)
+        if self._web is not None:
+            self._web.stop()
+        self.engine.dispose()
+        logger.info("node stopped")

@@ -1,0 +1,195 @@
+"""Kill the node with SIGKILL while a study arrives and while its job runs.
+
+After each restart every acknowledged instance must be on disk and in the
+database, and the study must end analysed exactly once and delivered once.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pydicom
+import pytest
+from pynetdicom import AE
+from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
+from sqlalchemy import func, select
+
+from node.db import Delivery, DeliveryState, Instance, Job, JobState, ResultObject, Study, StudyState
+from node.db import make_engine, make_session_factory
+from tests.conftest import B40F, write_config
+from tests.peers import StoreSCP, free_port
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _wait(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+class ServeProcess:
+    def __init__(self, config: Path, log: Path) -> None:
+        self.config, self.log = config, log
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, port: int) -> None:
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "node.cli", "serve", "--config", str(self.config)],
+            cwd=REPO, env=env, stdout=self.log.open("ab"), stderr=subprocess.STDOUT)
+        ae = AE(ae_title="PACS")
+        ae.add_requested_context("1.2.840.10008.1.1")
+
+        def up() -> bool:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise AssertionError(f"serve exited: {self.log.read_text()[-3000:]}")
+            assoc = ae.associate("127.0.0.1", port, ae_title="LUNGNODE")
+            if assoc.is_established:
+                assoc.release()
+                return True
+            return False
+
+        _wait(up, 60, "the node to listen")
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
+@pytest.fixture
+def serve_factory(tmp_path: Path) -> Iterator[Callable[[Path], ServeProcess]]:
+    procs: list[ServeProcess] = []
+
+    def make(config: Path) -> ServeProcess:
+        p = ServeProcess(config, tmp_path / "serve.log")
+        procs.append(p)
+        return p
+
+    yield make
+    for p in procs:
+        p.stop()
+
+
+def _send_acknowledged(port: int, files: list[Path], stop_after: int | None = None,
+                       on_progress: Callable[[int], None] | None = None) -> list[str]:
+    """Send files one by one; return the SOP Instance UIDs the node acknowledged."""
+    ae = AE(ae_title="PACS")
+    ae.add_requested_context(CTImageStorage, pydicom.uid.ExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", port, ae_title="LUNGNODE")
+    acked: list[str] = []
+    if not assoc.is_established:
+        return acked
+    try:
+        for i, f in enumerate(files):
+            if not assoc.is_established:
+                break
+            status = assoc.send_c_store(f)
+            if "Status" in status and int(status.Status) == 0:
+                acked.append(str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID))
+            if on_progress is not None:
+                on_progress(i)
+            if stop_after is not None and i + 1 >= stop_after:
+                break
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    return acked
+
+
+@pytest.mark.slow
+def test_sigkill_during_receive_and_during_job(tmp_path: Path, db_url: str,
+                                               serve_factory: Callable[[Path], ServeProcess]) -> None:
+    port = free_port()
+    out = tmp_path / "received"
+    out.mkdir()
+    with StoreSCP(out, port=free_port(), aet="RECEIVER") as receiver:
+        config = write_config(tmp_path / "lungnode.toml", {
+            "dicom": {"host": "127.0.0.1", "port": port},
+            "storage": {"root": "storage", "min_free_mb": 1},
+            "database": {"url": db_url},
+            "completion": {"stable_seconds": 2.0, "poll_seconds": 0.2},
+            "worker": {"count": 1, "lease_seconds": 600.0, "poll_seconds": 0.2},
+            "delivery": {"destinations": ["receiver"], "poll_seconds": 0.2, "backoff_seconds": 0.5},
+            "web": {"enabled": False},
+        }, [{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": 104},
+            {"name": "receiver", "ae_title": "RECEIVER", "host": "127.0.0.1", "port": receiver.port}])
+        sessions = make_session_factory(make_engine(db_url))
+        files = sorted(B40F.iterdir())
+        node = serve_factory(config)
+        node.start(port)
+
+        # 1. SIGKILL in the middle of the series
+        acked = _send_acknowledged(port, files, stop_after=12)
+        node.kill()
+        # the sender keeps going against a dead node: nothing more is acknowledged
+        assert _send_acknowledged(port, files[12:]) == []
+        storage = tmp_path / "storage"
+        with sessions() as s:
+            rows = {r.sop_instance_uid: r.path for r in s.scalars(select(Instance))}
+        assert set(acked) <= set(rows), "an acknowledged instance is missing from the database"
+        for uid in acked:
+            ds = pydicom.dcmread(storage / rows[uid])
+            assert ds.SOPInstanceUID == uid and len(ds.PixelData) == 512 * 512 * 2
+        # no half file under a real name: every *.dcm is complete (a torn write stays a .tmp-*)
+        for f in (storage / "instances").rglob("*.dcm"):
+            assert len(pydicom.dcmread(f).PixelData) == 512 * 512 * 2
+
+        # 2. restart; the PACS sends the whole series again (repeats are not double counted)
+        node.start(port)
+        _send_acknowledged(port, files)
+        with sessions() as s:
+            assert s.scalar(select(func.count()).select_from(Instance)) == 30
+            assert s.scalars(select(Study)).one().instance_count == 30
+
+        # 3. SIGKILL while the analysis job runs
+        def analysing() -> bool:
+            with sessions() as s:
+                return s.scalars(select(Study)).one().state == StudyState.ANALYSING
+
+        _wait(analysing, 60, "the job to start")
+        node.kill()
+        with sessions() as s:
+            assert s.scalars(select(Study)).one().state == StudyState.ANALYSING
+            assert s.scalar(select(func.count()).select_from(ResultObject)) == 0
+
+        # 4. restart: the orphaned job is re-claimed and finishes once
+        node.start(port)
+
+        def delivered() -> bool:
+            with sessions() as s:
+                ds = list(s.scalars(select(Delivery)))
+                return bool(ds) and all(d.state == DeliveryState.SENT for d in ds)
+
+        _wait(delivered, 120, "the results to be delivered")
+        with sessions() as s:
+            study = s.scalars(select(Study)).one()
+            assert study.state == StudyState.COMPLETE
+            assert study.result_version == 1
+            jobs = list(s.scalars(select(Job)))
+            assert [j.state for j in jobs] == [JobState.DONE]
+            assert jobs[0].attempts == 2
+            assert s.scalar(select(func.count()).select_from(ResultObject)) == 3
+        _wait(lambda: len([p for p in out.rglob("*") if p.is_file()]) >= 3, 30, "files at the receiver")
+        received = [p for p in out.rglob("*") if p.is_file()]
+        uids = [str(pydicom.dcmread(p).SOPInstanceUID) for p in received]
+        assert len(uids) == len(set(uids)) == 3

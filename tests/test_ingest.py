@@ -1,0 +1,225 @@
+"""The DICOM listener against real senders: DCMTK storescu and pynetdicom.
+
+Every refusal must come back as a DICOM status (or an association rejection)
+and be recorded; nothing refused is written; everything acknowledged is on
+disk and in the database.  Runs against SQLite and PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.uid import JPEG2000Lossless, JPEGLSLossless, RLELossless
+from pynetdicom import AE
+from pynetdicom.sop_class import CTImageStorage, MRImageStorage  # type: ignore[attr-defined]
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from model.volume import load_series
+from node.catalog import Catalog
+from node.db import AuditEntry, Instance, Study, make_engine, make_session_factory
+from node.migrate import upgrade
+from node.scp import StoreSCP
+from node.settings import Settings
+from node.storage import InstanceStore
+from tests.conftest import B40F
+from tests.peers import free_port, storescu
+
+
+@dataclass
+class Listener:
+    settings: Settings
+    scp: StoreSCP
+    sessions: sessionmaker[Session]
+    port: int
+
+    def count(self, model: type = Instance) -> int:
+        with self.sessions() as s:
+            return int(s.scalar(select(func.count()).select_from(model)) or 0)
+
+    def audit(self, action: str) -> list[AuditEntry]:
+        with self.sessions() as s:
+            return list(s.scalars(select(AuditEntry).where(AuditEntry.action == action)))
+
+
+@pytest.fixture
+def listener(db_url: str, make_settings: Callable[..., Settings]) -> Iterator[Callable[..., Listener]]:
+    started: list[Listener] = []
+
+    def start(**sections: dict) -> Listener:
+        port = free_port()
+        peers = [{"name": "ct", "ae_title": "STORESCU", "host": "127.0.0.1", "port": 104},
+                 {"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": 4242}]
+        s = make_settings(db_url, port=port, peers=peers, **sections)
+        upgrade(s.database.url)
+        sessions = make_session_factory(make_engine(s.database.url))
+        store = InstanceStore(s.storage.root, min_free_mb=s.storage.min_free_mb, fsync=False)
+        scp = StoreSCP(s.dicom, s.peers, store, Catalog(sessions))
+        scp.start()
+        lst = Listener(s, scp, sessions, port)
+        started.append(lst)
+        return lst
+
+    yield start
+    for lst in started:
+        lst.scp.stop()
+
+
+def _scu_send(port: int, datasets: list[pydicom.Dataset], calling: str = "PACS",
+              contexts: tuple[tuple[str, str], ...] = ()) -> list[int | None]:
+    ae = AE(ae_title=calling)
+    for sop, ts in contexts or ((CTImageStorage, pydicom.uid.ExplicitVRLittleEndian),):
+        ae.add_requested_context(sop, ts)
+    assoc = ae.associate("127.0.0.1", port, ae_title="LUNGNODE")
+    assert assoc.is_established
+    codes: list[int | None] = []
+    try:
+        for ds in datasets:
+            status = assoc.send_c_store(ds)
+            codes.append(int(status.Status) if "Status" in status else None)
+    finally:
+        assoc.release()
+    return codes
+
+
+def _files_under(root: Path) -> list[Path]:
+    return [p for p in root.rglob("*") if p.is_file()]
+
+
+def test_storescu_series_is_stored_once_and_counted_once(listener: Callable[..., Listener]) -> None:
+    lst = listener()
+    storescu([B40F], "127.0.0.1", lst.port, "LUNGNODE")
+    assert lst.count() == 30
+    with lst.sessions() as s:
+        study = s.scalars(select(Study)).one()
+        assert study.instance_count == 30
+        paths = [lst.settings.storage.root / p for p in s.scalars(select(Instance.path))]
+    assert all(p.is_file() for p in paths)
+    # the stored file carries the same data set as the source
+    src = {pydicom.dcmread(f).SOPInstanceUID: pydicom.dcmread(f) for f in sorted(B40F.iterdir())}
+    for p in paths[:3]:
+        got = pydicom.dcmread(p)
+        assert got.PixelData == src[got.SOPInstanceUID].PixelData
+        assert got.PatientID == src[got.SOPInstanceUID].PatientID
+    # a second C-STORE of the same instances is acknowledged, not double counted
+    storescu([B40F], "127.0.0.1", lst.port, "LUNGNODE")
+    assert lst.count() == 30
+    with lst.sessions() as s:
+        assert s.scalars(select(Study)).one().instance_count == 30
+    assert not [p for p in _files_under(lst.settings.storage.root) if p.name.startswith(".tmp")]
+
+
+@pytest.mark.parametrize("syntax", [JPEG2000Lossless, JPEGLSLossless, RLELossless, "jpeg-lossless"])
+def test_compressed_transfer_syntaxes_are_stored_and_decode_to_the_same_hu(
+        listener: Callable[..., Listener], tmp_path: Path, syntax: str) -> None:
+    lst = listener()
+    src = sorted(B40F.iterdir())[:20]
+    out = tmp_path / "compressed"
+    out.mkdir()
+    for f in src:
+        if syntax == "jpeg-lossless":  # DCMTK encodes JPEG lossless SV1 (process 14)
+            subprocess.run(["dcmcjpeg", "--encode-lossless-sv1", str(f), str(out / f.name)],
+                           check=True)
+        else:
+            ds = pydicom.dcmread(f)
+            ds.compress(syntax)
+            ds.save_as(out / f.name, enforce_file_format=True)
+    ts = str(pydicom.dcmread(out / src[0].name).file_meta.TransferSyntaxUID)
+    codes = _scu_send(lst.port, [pydicom.dcmread(out / f.name) for f in src],
+                      contexts=((CTImageStorage, ts),))
+    assert codes == [0] * len(src)
+    with lst.sessions() as s:
+        rows = list(s.scalars(select(Instance)))
+    assert {r.transfer_syntax_uid for r in rows} == {ts}
+    stored = load_series([lst.settings.storage.root / r.path for r in rows])
+    original = load_series(src)
+    np.testing.assert_array_equal(stored.hu, original.hu)
+
+
+def test_non_ct_sop_class_is_rejected_at_negotiation(listener: Callable[..., Listener]) -> None:
+    lst = listener()
+    ae = AE(ae_title="PACS")
+    ae.add_requested_context(MRImageStorage)
+    ae.add_requested_context(CTImageStorage)
+    assoc = ae.associate("127.0.0.1", lst.port, ae_title="LUNGNODE")
+    assert assoc.is_established
+    accepted = {c.abstract_syntax for c in assoc.accepted_contexts}
+    assoc.release()
+    assert accepted == {CTImageStorage}
+
+
+def test_instance_without_pixel_data_is_refused_and_recorded(listener: Callable[..., Listener]) -> None:
+    lst = listener()
+    ds = pydicom.dcmread(sorted(B40F.iterdir())[0])
+    del ds.PixelData
+    assert _scu_send(lst.port, [ds]) == [0xA900]
+    assert lst.count() == 0
+    refusals = lst.audit("instance-refused")
+    assert len(refusals) == 1 and "no pixel data" in (refusals[0].detail or "")
+    with lst.sessions() as s:
+        study = s.scalars(select(Study)).one()
+        assert study.study_instance_uid == ds.StudyInstanceUID
+        assert "no pixel data" in (study.reason or "")
+        assert study.instance_count == 0
+
+
+@pytest.mark.parametrize("attr", ["SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID"])
+def test_uid_with_path_characters_is_refused_and_nothing_is_written(
+        listener: Callable[..., Listener], tmp_path: Path, attr: str) -> None:
+    lst = listener()
+    ds = pydicom.dcmread(sorted(B40F.iterdir())[0])
+    setattr(ds, attr, "../../../../etc/passwd")
+    if attr == "SOPInstanceUID":
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    before = set(_files_under(tmp_path))
+    assert _scu_send(lst.port, [ds]) == [0xC000]
+    assert lst.count() == 0
+    written = set(_files_under(tmp_path)) - before
+    assert not [p for p in written if p.suffix == ".dcm"]
+    assert not Path("/etc/passwd.dcm").exists()
+    detail = lst.audit("instance-refused")[0].detail or ""
+    assert "not a valid UID" in detail
+
+
+def test_unknown_calling_ae_title_is_rejected_and_recorded(listener: Callable[..., Listener]) -> None:
+    lst = listener()
+    ae = AE(ae_title="INTRUDER")
+    ae.add_requested_context(CTImageStorage)
+    assoc = ae.associate("127.0.0.1", lst.port, ae_title="LUNGNODE")
+    assert assoc.is_rejected
+    refusals = lst.audit("association-refused")
+    assert refusals and "INTRUDER" in (refusals[0].detail or "")
+    # storescu with an unknown AE title fails too
+    res = storescu([B40F], "127.0.0.1", lst.port, "LUNGNODE", calling_aet="NOBODY", check=False)
+    assert res.returncode != 0
+    assert lst.count() == 0
+
+
+def test_wrong_called_ae_title_is_rejected(listener: Callable[..., Listener]) -> None:
+    lst = listener()
+    ae = AE(ae_title="PACS")
+    ae.add_requested_context(CTImageStorage)
+    assoc = ae.associate("127.0.0.1", lst.port, ae_title="SOMEONEELSE")
+    assert assoc.is_rejected
+
+
+def test_full_disk_answers_out_of_resources(listener: Callable[..., Listener]) -> None:
+    lst = listener(storage={"min_free_mb": 1024 * 1024 * 1024})  # a petabyte: never available
+    ds = pydicom.dcmread(sorted(B40F.iterdir())[0])
+    assert _scu_send(lst.port, [ds]) == [0xA700]
+    assert lst.count() == 0
+    assert "out of disk space" in (lst.audit("instance-refused")[0].detail or "")
+
+
+def test_echo_from_dcmtk(listener: Callable[..., Listener]) -> None:
+    from tests.peers import echoscu
+
+    lst = listener()
+    res = echoscu("127.0.0.1", lst.port, "LUNGNODE", calling_aet="STORESCU")
+    assert res.returncode == 0
