@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from sqlalchemy import select, update
+from sqlalchemy import bindparam, insert, select, update
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -23,6 +24,17 @@ from node.records import StoredInstance, StoredStudy
 __all__ = ["Catalog", "InstanceRecord", "stored_study"]
 
 logger = logging.getLogger(__name__)
+
+_INSTANCE_BY_UID = select(Instance.id).where(
+    Instance.sop_instance_uid == bindparam("uid")).limit(1)
+_INSTANCE_PATH_BY_UID = select(Instance.path).where(
+    Instance.sop_instance_uid == bindparam("uid")).limit(1)
+_INSERT_INSTANCE = insert(Instance)
+_BUMP_STUDY = update(Study).where(Study.id == bindparam("row_id")).values(
+    instance_count=Study.instance_count + 1, last_received_at=bindparam("b_now"),
+    updated_at=bindparam("b_now"))
+_BUMP_SERIES = update(Series).where(Series.id == bindparam("row_id")).values(
+    instance_count=Series.instance_count + 1)
 
 
 @dataclass(frozen=True)
@@ -43,83 +55,82 @@ class Catalog:
 
     def __init__(self, sessions: sessionmaker[Session]) -> None:
         self._sessions = sessions
+        self._engine: Engine = sessions.kw["bind"]
         self._lock = threading.Lock()
         self._study_ids: dict[str, int] = {}
         self._series_ids: dict[str, int] = {}
 
     def has_instance(self, sop_instance_uid: str) -> bool:
-        with self._sessions() as session:
-            return session.scalar(
-                select(Instance.id).where(Instance.sop_instance_uid == sop_instance_uid)
-            ) is not None
+        with self._engine.connect() as conn:
+            return conn.execute(_INSTANCE_BY_UID, {"uid": sop_instance_uid}).first() is not None
 
-    def _study_id(self, session: Session, uid: str) -> int:
+    def instance_path(self, sop_instance_uid: str) -> str | None:
+        with self._engine.connect() as conn:
+            return conn.scalar(_INSTANCE_PATH_BY_UID, {"uid": sop_instance_uid})
+
+    def _study_id(self, conn: Connection, uid: str) -> int:
         cached = self._study_ids.get(uid)
         if cached is not None:
             return cached
-        study_id = session.scalar(select(Study.id).where(Study.study_instance_uid == uid))
+        study_id = conn.scalar(select(Study.id).where(Study.study_instance_uid == uid))
         if study_id is None:
-            study = Study(study_instance_uid=uid)
-            session.add(study)
-            session.flush()
-            study_id = study.id
-            session.add(AuditEntry(actor="scp", action="study-created", study_id=study_id))
-        return study_id
+            study_id = conn.scalar(insert(Study).values(study_instance_uid=uid).returning(Study.id))
+            conn.execute(insert(AuditEntry).values(actor="scp", action="study-created",
+                                                   study_id=study_id))
+        assert study_id is not None
+        return int(study_id)
 
-    def _series_id(self, session: Session, study_id: int, uid: str, modality: str | None) -> int:
+    def _series_id(self, conn: Connection, study_id: int, uid: str, modality: str | None) -> int:
         cached = self._series_ids.get(uid)
         if cached is not None:
             return cached
-        series_id = session.scalar(select(Series.id).where(Series.series_instance_uid == uid))
+        series_id = conn.scalar(select(Series.id).where(Series.series_instance_uid == uid))
         if series_id is None:
-            series = Series(study_id=study_id, series_instance_uid=uid, modality=modality)
-            session.add(series)
-            session.flush()
-            series_id = series.id
-        return series_id
+            series_id = conn.scalar(insert(Series).values(
+                study_id=study_id, series_instance_uid=uid, modality=modality).returning(Series.id))
+        assert series_id is not None
+        return int(series_id)
 
     def record_instance(self, rec: InstanceRecord, now: datetime | None = None) -> bool:
-        """Insert the instance and bump its study's counters.
+        """Insert the instance and bump its study's and series' counters.
 
-        Returns ``False`` when the SOP Instance UID was already recorded (a
-        repeated C-STORE is acknowledged but not counted twice).
+        One short transaction of Core statements (this runs once per received
+        instance; the ORM would triple its cost).  Returns ``False`` when the SOP
+        Instance UID was already recorded (a repeated C-STORE is acknowledged
+        but not counted twice).
         """
         now = now or utcnow()
         for attempt in range(3):
-            with self._sessions() as session:
-                try:
-                    study_id = self._study_id(session, rec.study_instance_uid)
-                    series_id = self._series_id(session, study_id, rec.series_instance_uid,
+            try:
+                with self._engine.begin() as conn:
+                    study_id = self._study_id(conn, rec.study_instance_uid)
+                    series_id = self._series_id(conn, study_id, rec.series_instance_uid,
                                                 rec.modality)
-                    session.add(Instance(
-                        series_id=series_id, study_id=study_id,
-                        sop_instance_uid=rec.sop_instance_uid, sop_class_uid=rec.sop_class_uid,
-                        transfer_syntax_uid=rec.transfer_syntax_uid, path=rec.relative_path,
-                        size_bytes=rec.size_bytes, calling_ae=rec.calling_ae, received_at=now,
-                    ))
-                    session.flush()
-                    session.execute(update(Study).where(Study.id == study_id).values(
-                        instance_count=Study.instance_count + 1, last_received_at=now,
-                        updated_at=now))
-                    session.execute(update(Series).where(Series.id == series_id).values(
-                        instance_count=Series.instance_count + 1))
-                    session.commit()
-                except IntegrityError:
-                    session.rollback()
-                    if self.has_instance(rec.sop_instance_uid):
-                        return False
-                    # a concurrent association created the study or series first
-                    with self._lock:
-                        self._study_ids.pop(rec.study_instance_uid, None)
-                        self._series_ids.pop(rec.series_instance_uid, None)
-                    if attempt == 2:
-                        raise
-                    continue
+                    conn.execute(_INSERT_INSTANCE, {
+                        "series_id": series_id, "study_id": study_id,
+                        "sop_instance_uid": rec.sop_instance_uid,
+                        "sop_class_uid": rec.sop_class_uid,
+                        "transfer_syntax_uid": rec.transfer_syntax_uid,
+                        "path": rec.relative_path, "size_bytes": rec.size_bytes,
+                        "calling_ae": rec.calling_ae, "received_at": now,
+                    })
+                    conn.execute(_BUMP_STUDY, {"row_id": study_id, "b_now": now})
+                    conn.execute(_BUMP_SERIES, {"row_id": series_id})
+            except IntegrityError:
+                if self.has_instance(rec.sop_instance_uid):
+                    return False
+                # a concurrent association created the study or series first
+                with self._lock:
+                    self._study_ids.pop(rec.study_instance_uid, None)
+                    self._series_ids.pop(rec.series_instance_uid, None)
+                if attempt == 2:
+                    raise
+                continue
             with self._lock:
                 self._study_ids[rec.study_instance_uid] = study_id
                 self._series_ids[rec.series_instance_uid] = series_id
             return True
-        return False  # pragma: no cover - loop always returns or raises
+        return False  # pragma: no cover - the loop returns or raises
 
     def record_refusal(self, study_uid: str | None, action: str, detail: str) -> None:
         """Record a refused instance or association on its study (when known)."""

@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,17 +45,31 @@ def validate_uid(value: object, what: str) -> str:
     return text
 
 
-def atomic_write(path: Path, data: bytes, *, fsync: bool = True) -> None:
-    """Write ``data`` to ``path`` through a temporary file and a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
+def atomic_write(path: Path, data: bytes | Sequence[bytes | memoryview], *,
+                 fsync: bool = True) -> int:
+    """Write ``data`` (bytes, or buffers written in order) to ``path`` through a
+    temporary file in the same folder and a rename; returns the size."""
+    parts = [data] if isinstance(data, bytes) else list(data)
     try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
+    except FileNotFoundError:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
+    try:
+        size = 0
+        try:
+            for part in parts:
+                view = memoryview(part)
+                while view:
+                    n = os.write(fd, view)
+                    size += n
+                    view = view[n:]
             if fsync:
-                fh.flush()
-                os.fsync(fh.fileno())
+                os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
+        return size
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -100,11 +115,12 @@ class InstanceStore:
         sop = validate_uid(sop_uid, "SOP Instance UID")
         return f"instances/{study}/{series}/{sop}.dcm"
 
-    def write(self, study_uid: str, series_uid: str, sop_uid: str, data: bytes) -> StoredFile:
-        """Store one encoded instance (part-10 bytes) atomically."""
+    def write(self, study_uid: str, series_uid: str, sop_uid: str,
+              data: bytes | Sequence[bytes | memoryview]) -> StoredFile:
+        """Store one encoded instance (part-10 bytes, or its parts) atomically."""
         rel = self.relative_path(study_uid, series_uid, sop_uid)
-        atomic_write(self.root / rel, data, fsync=self.fsync)
-        return StoredFile(relative_path=rel, size_bytes=len(data))
+        size = atomic_write(self.root / rel, data, fsync=self.fsync)
+        return StoredFile(relative_path=rel, size_bytes=size)
 
     def absolute(self, relative_path: str) -> Path:
         path = (self.root / relative_path).resolve()

@@ -1,0 +1,136 @@
+"""End to end: a real Orthanc sends a study to the node; SR, SEG and summary
+image come back into the same study in Orthanc.  Then more instances arrive
+and a second result version references the first."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import highdicom as hd
+import pydicom
+import pytest
+from sqlalchemy import select
+
+from node.db import Delivery, DeliveryState, Study, StudyState
+from node.service import Node
+from node.settings import Settings
+from tests.conftest import B40F, B70F
+from tests.peers import Orthanc, free_port, storescu
+
+SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"
+SEG_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
+SC_CLASS = "1.2.840.10008.5.1.4.1.1.7"
+
+
+@pytest.fixture
+def orthanc_and_node(tmp_path: Path, db_url: str,
+                     make_settings: Callable[..., Settings]) -> Iterator[tuple[Orthanc, Node]]:
+    node_port = free_port()
+    with Orthanc(tmp_path / "orthanc", modalities={"lungnode": ("LUNGNODE", "127.0.0.1", node_port)}) as orthanc:
+        settings = make_settings(
+            db_url, port=node_port,
+            peers=[{"name": "orthanc", "ae_title": orthanc.aet, "host": "127.0.0.1",
+                    "port": orthanc.dicom_port}],
+            delivery={"destinations": ["orthanc"]},
+        )
+        node = Node(settings)
+        node.start()
+        try:
+            yield orthanc, node
+        finally:
+            node.stop()
+
+
+def _wait(predicate: Callable[[], object], timeout: float, what: str) -> object:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def _results_in_orthanc(orthanc: Orthanc, study_uid: str) -> dict[str, list[pydicom.Dataset]]:
+    oid = orthanc.find_study(study_uid)
+    found: dict[str, list[pydicom.Dataset]] = {SR_CLASS: [], SEG_CLASS: [], SC_CLASS: []}
+    if oid is None:
+        return found
+    for inst in orthanc.study_instances(oid):
+        if inst["SOPClassUID"] in found:
+            found[inst["SOPClassUID"]].append(orthanc.instance_dataset(inst["ID"]))
+    return found
+
+
+def test_orthanc_round_trip_and_reanalysis(orthanc_and_node: tuple[Orthanc, Node]) -> None:
+    orthanc, node = orthanc_and_node
+    storescu([B40F], "127.0.0.1", orthanc.dicom_port, orthanc.aet)
+    source = pydicom.dcmread(sorted(B40F.iterdir())[0], stop_before_pixels=True)
+    oid = orthanc.find_study(source.StudyInstanceUID)
+    assert oid is not None
+    orthanc.store_to_modality("lungnode", [oid])
+
+    def complete() -> dict[str, list[pydicom.Dataset]] | None:
+        found = _results_in_orthanc(orthanc, source.StudyInstanceUID)
+        return found if all(len(v) == 1 for v in found.values()) else None
+
+    found = _wait(complete, 180, "SR, SEG and summary image in Orthanc")
+    assert isinstance(found, dict)
+    sr_ds, seg_ds, sc_ds = found[SR_CLASS][0], found[SEG_CLASS][0], found[SC_CLASS][0]
+    for ds in (sr_ds, seg_ds, sc_ds):
+        for attr in ("PatientID", "PatientName", "StudyInstanceUID", "AccessionNumber",
+                     "PatientBirthDate"):
+            assert ds.get(attr) == source.get(attr), attr
+        assert ds.SeriesInstanceUID != source.SeriesInstanceUID
+    with node.sessions() as s:
+        study = s.scalars(select(Study)).one()
+        assert study.state == StudyState.COMPLETE
+        assert study.selected_series_uid == source.SeriesInstanceUID
+        import json
+
+        summary = json.loads(study.summary or "{}")
+        assert 2000 < summary["lung_volume_ml"]["total"] < 9000
+    sr = hd.sr.srread(_as_file(sr_ds))
+    groups = sr.content.get_volumetric_roi_measurement_and_qualitative_evaluation_groups() \
+        if hasattr(sr.content, "get_volumetric_roi_measurement_and_qualitative_evaluation_groups") else None
+    text = str(sr_ds)
+    assert summary["severity_category"] in text
+    assert groups is None or len(groups) >= 1
+    seg = hd.seg.segread(_as_file(seg_ds))
+    referenced = {r.ReferencedSOPInstanceUID for item in seg.ReferencedSeriesSequence
+                  for r in item.ReferencedInstanceSequence}
+    b40f_uids = {pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID for f in B40F.iterdir()}
+    assert referenced <= b40f_uids and referenced
+    labels = {d.SegmentLabel.lower() for d in seg.SegmentSequence}
+    assert any("left" in lab for lab in labels) and any("right" in lab for lab in labels)
+
+    # more instances (the sharp-kernel series) arrive: a second version
+    storescu([B70F], "127.0.0.1", orthanc.dicom_port, orthanc.aet)
+    orthanc.store_to_modality("lungnode", [oid])
+
+    def second() -> list[pydicom.Dataset] | None:
+        srs = _results_in_orthanc(orthanc, source.StudyInstanceUID)[SR_CLASS]
+        return srs if len(srs) == 2 else None
+
+    srs = _wait(second, 180, "the second SR")
+    assert isinstance(srs, list)
+    new = next(d for d in srs if d.SOPInstanceUID != sr_ds.SOPInstanceUID)
+    preds = [r.ReferencedSOPInstanceUID for item in new.PredecessorDocumentsSequence
+             for s in item.ReferencedSeriesSequence for r in s.ReferencedSOPSequence]
+    assert preds == [sr_ds.SOPInstanceUID]
+    with node.sessions() as s:
+        study = s.scalars(select(Study)).one()
+        assert study.result_version == 2
+        assert study.instance_count == 60
+        _wait(lambda: all(d.state == DeliveryState.SENT for d in s.scalars(select(Delivery))), 30,
+              "deliveries marked sent")
+
+
+def _as_file(ds: pydicom.Dataset) -> Path:
+    import tempfile
+
+    f = Path(tempfile.mkstemp(suffix=".dcm")[1])
+    ds.save_as(f, enforce_file_format=True)
+    return f
