@@ -359,7 +359,7 @@ def _judge(uid: str, instances: Sequence[StoredInstance], rules: SelectionRules)
         if noise is not None:
             kernel_class = "sharp" if noise > rules.sharp_noise_hu else "smooth"
     assert thickness is not None
-    how = "from the kernel table" if noise is None else f"measured noise {noise:.0f} HU"
+    how = "from the kernel table" if noise is None else f"measured noise {noise:.1f} HU"
     if kernel_class == "unknown":
         how = "kernel not in the table and noise not measurable"
     reason = (f"eligible: {len(paths)} axial slices of {thickness:.1f} mm{note}, kernel "
@@ -394,7 +394,7 @@ def _kernel_words(c: SeriesCandidate) -> str:
     if c.kernel:
         return f"{c.kernel_class} {c.kernel}" if c.kernel_class != "unknown" else f"unknown kernel {c.kernel}"
     if c.noise_hu is not None:
-        return f"{_short(c)} ({c.kernel_class} by measured noise {c.noise_hu:.0f} HU)"
+        return f"{_short(c)} ({c.kernel_class} by measured noise {c.noise_hu:.1f} HU)"
     return f"{_short(c)} (kernel unknown)"
 
 
@@ -417,7 +417,7 @@ def _choose(eligible: list[SeriesCandidate], rules: SelectionRules) -> tuple[Ser
             winner_words = f"{group[0].kernel_class} kernel"
             if len(group) == 1:
                 winner_words += f" {group[0].kernel}" if group[0].kernel else (
-                    f" (measured noise {group[0].noise_hu:.0f} HU)" if group[0].noise_hu is not None else "")
+                    f" (measured noise {group[0].noise_hu:.1f} HU)" if group[0].noise_hu is not None else "")
             loser_words = ", ".join(dict.fromkeys(_kernel_words(c) for c in losers))
             if rules.kernel_preference == "smooth":
                 why.append(f"{winner_words} preferred over {loser_words} for HU-threshold "
@@ -434,8 +434,8 @@ def _choose(eligible: list[SeriesCandidate], rules: SelectionRules) -> tuple[Ser
             group = [c for c in group if c.noise_hu == target]
             if others:
                 adjective = "lower" if rules.kernel_preference == "smooth" else "higher"
-                why.append(f"{adjective} measured noise ({target:.0f} HU vs "
-                           f"{', '.join(f'{n:.0f}' for n in others)} HU)")
+                why.append(f"{adjective} measured noise ({target:.1f} HU vs "
+                           f"{', '.join(f'{n:.1f}' for n in others)} HU)")
 
     if len(group) > 1:
         most = max(c.slices for c in group)
@@ -450,7 +450,7 @@ def _choose(eligible: list[SeriesCandidate], rules: SelectionRules) -> tuple[Ser
 
 
 def _describe(c: SeriesCandidate) -> str:
-    kernel = c.kernel or ("no kernel recorded" + (f", noise {c.noise_hu:.0f} HU" if c.noise_hu is not None
+    kernel = c.kernel or ("no kernel recorded" + (f", noise {c.noise_hu:.1f} HU" if c.noise_hu is not None
                                                   else ""))
     return f"{kernel}, {c.slice_thickness_mm or 0.0:.1f} mm, {c.slices} slices"
 

@@ -102,8 +102,9 @@ class SelectionSettings(_Section):
     max_slice_thickness_mm: float = Field(10.0, gt=0)
     kernel_preference: Literal["smooth", "sharp", "any"] = "smooth"
     """Prefer smooth/standard kernels (QIBA lung density) or sharp lung kernels."""
-    sharp_noise_hu: float = Field(40.0, gt=0)
-    """Where the kernel is unknown, noise (HU SD in air) above this marks a sharp kernel."""
+    sharp_noise_hu: float = Field(30.0, gt=0)
+    """Where the kernel is unknown, noise (most common local HU SD in soft tissue of a
+    middle slice) above this marks a sharp kernel."""
 
 
 class AnalysisSettings(_Section):

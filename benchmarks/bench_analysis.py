@@ -1,0 +1,105 @@
+"""Analysis time per stage next to the pixel-decoding floor, and peak memory.
+
+For synthetic 512x512 studies of 300 and 600 slices (the generator's output),
+prints: the time pydicom needs merely to decode the series' pixel data (the
+floor every analysis pays), the time of each stage (load, segment, quantify,
+CNN, reports, writing), the whole, the ratio whole / floor, and the peak
+resident memory of a process that analyses the study (measured in a child
+process so each study's peak is its own).
+
+    .venv/bin/python benchmarks/bench_analysis.py [--slices 300 600]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+
+def child(dicom_dir: str, out_dir: str, with_cnn: bool) -> None:
+    """Run one analysis in this process and print its timings as JSON."""
+    import pydicom
+
+    from node.pipeline import ALGORITHM_NAME, ALGORITHM_VERSION, analyse, write_results
+    from node.records import SelectedSeries
+    from node.reports import ReportContext, build_reports
+    from node.settings import AnalysisSettings
+
+    paths = tuple(sorted(Path(dicom_dir).glob("*.dcm")))
+    predictor = None
+    if with_cnn:
+        from model.inference import InferenceEngine
+
+        predictor = InferenceEngine.from_registry().predict
+    t0 = time.perf_counter()
+    ds = pydicom.dcmread(paths[0], stop_before_pixels=True)
+    selected = SelectedSeries(str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), paths, "benchmark")
+    analysis = analyse(selected, AnalysisSettings(), predictor)
+    timings = dict(analysis.timings)
+    t = time.perf_counter()
+    objects = build_reports(ReportContext(
+        volume=analysis.volume, masks=analysis.masks, quantification=analysis.quantification,
+        prediction=analysis.prediction, algorithm_name=ALGORITHM_NAME,
+        algorithm_version=ALGORITHM_VERSION), analysis.source_headers)
+    timings["reports"] = time.perf_counter() - t
+    t = time.perf_counter()
+    write_results(objects, Path(out_dir))
+    timings["write"] = time.perf_counter() - t
+    timings["whole"] = time.perf_counter() - t0
+    timings["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps(timings))
+
+
+def decode_floor(dicom_dir: Path) -> float:
+    import pydicom
+
+    t0 = time.perf_counter()
+    for f in sorted(dicom_dir.glob("*.dcm")):
+        _ = pydicom.dcmread(f).pixel_array
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--slices", type=int, nargs="+", default=[300, 600])
+    ap.add_argument("--no-cnn", action="store_true")
+    ap.add_argument("--child", nargs=2, metavar=("DICOM_DIR", "OUT"))
+    args = ap.parse_args()
+    if args.child:
+        child(args.child[0], args.child[1], not args.no_cnn)
+        return
+    from training.synth import SynthSpec, write_study
+
+    tmp = Path(tempfile.mkdtemp(prefix="lungnode-bench-"))
+    try:
+        print(f"{'slices':>6} {'floor s':>8} " + " ".join(f"{k:>9}" for k in
+              ("load", "segment", "quantify", "cnn", "reports", "write", "whole")) +
+              f" {'whole/floor':>11} {'peak MB':>8}")
+        for n in args.slices:
+            study = write_study(tmp / f"s{n}", SynthSpec(involvement=0.3, seed=7, slices=n, rows=512,
+                                                        slice_thickness_mm=300.0 / n))
+            floor = min(decode_floor(study.dicom_dir) for _ in range(2))
+            cmd = [sys.executable, __file__, "--child", str(study.dicom_dir), str(tmp / f"out{n}")]
+            if args.no_cnn:
+                cmd.append("--no-cnn")
+            res = subprocess.run(cmd, capture_output=True, text=True, check=True)
+            t = json.loads(res.stdout.strip().splitlines()[-1])
+            print(f"{n:6d} {floor:8.2f} " + " ".join(f"{t.get(k, float('nan')):9.2f}" for k in
+                  ("load", "segment", "quantify", "cnn", "reports", "write", "whole")) +
+                  f" {t['whole'] / floor:11.2f} {t['peak_rss_mb']:8.0f}")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
