@@ -72,12 +72,9 @@ def send_files(paths: list[Path], peer: Peer, dicom: DicomSettings,
     assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title,
                          evt_handlers=[(evt.EVT_CONN_OPEN, set_tcp_nodelay)])
     if not assoc.is_established:
-        if assoc.is_rejected:
-            why = "rejected the association"
-        elif assoc.is_aborted:
-            why = "aborted the association"
-        else:
-            why = "could not be reached"
+        # pynetdicom reports a refused TCP connection as an abort too
+        why = ("rejected the association" if assoc.is_rejected
+               else "could not be reached or aborted the association")
         raise DeliveryError(
             f"peer {peer.name} ({peer.ae_title}@{peer.host}:{peer.port}) {why}; check that it "
             f"runs and knows this node's AE title {dicom.ae_title}"

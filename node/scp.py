@@ -152,7 +152,8 @@ class StoreSCP:
     # -- association control -------------------------------------------------
     def _on_requested(self, event: Event) -> None:
         assoc = event.assoc
-        calling = assoc.requestor.ae_title.strip()
+        # requestor.ae_title is only filled in after EVT_REQUESTED; read the A-ASSOCIATE-RQ
+        calling = str(assoc.requestor.primitive.calling_ae_title).strip()
         address = assoc.requestor.address
         if not self.settings.require_known_peers:
             return
@@ -170,6 +171,7 @@ class StoreSCP:
             self.catalog.record_refusal(None, "association-refused",
                                         reason + "; add it to [[peers]] to accept it")
             assoc.acse.send_reject(0x01, 0x01, diagnostic)
+            assoc.kill()  # as pynetdicom does itself: lets the DUL send the A-ASSOCIATE-RJ first
 
     # -- C-STORE -----------------------------------------------------------
     def _on_store(self, event: Event) -> int | Dataset:
