@@ -157,11 +157,15 @@ class Orthanc:
     def studies(self) -> list[str]:
         return list(self.get("/studies"))
 
-    def find_study(self, study_instance_uid: str) -> str | None:
-        for hit in self.post("/tools/lookup", study_instance_uid.encode()) or []:
-            if hit.get("Type") == "Study":
+    def find(self, uid: str, level: str = "Study") -> str | None:
+        """Orthanc's id of the study/series/instance with this DICOM UID."""
+        for hit in self.post("/tools/lookup", uid.encode()) or []:
+            if hit.get("Type") == level:
                 return str(hit["ID"])
         return None
+
+    def find_study(self, study_instance_uid: str) -> str | None:
+        return self.find(study_instance_uid, "Study")
 
     def study_instances(self, orthanc_study_id: str) -> list[dict[str, Any]]:
         out = []

@@ -20,8 +20,18 @@ from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
 from sqlalchemy import func, select
 
-from node.db import Delivery, DeliveryState, Instance, Job, JobState, ResultObject, Study, StudyState
-from node.db import make_engine, make_session_factory
+from node.db import (
+    Delivery,
+    DeliveryState,
+    Instance,
+    Job,
+    JobState,
+    ResultObject,
+    Study,
+    StudyState,
+    make_engine,
+    make_session_factory,
+)
 from tests.conftest import B40F, write_config
 from tests.peers import StoreSCP, free_port
 

@@ -4,6 +4,8 @@ and a second result version references the first."""
 
 from __future__ import annotations
 
+import json
+import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -88,16 +90,19 @@ def test_orthanc_round_trip_and_reanalysis(orthanc_and_node: tuple[Orthanc, Node
         study = s.scalars(select(Study)).one()
         assert study.state == StudyState.COMPLETE
         assert study.selected_series_uid == source.SeriesInstanceUID
-        import json
-
         summary = json.loads(study.summary or "{}")
         assert 2000 < summary["lung_volume_ml"]["total"] < 9000
-    sr = hd.sr.srread(_as_file(sr_ds))
-    groups = sr.content.get_volumetric_roi_measurement_and_qualitative_evaluation_groups() \
-        if hasattr(sr.content, "get_volumetric_roi_measurement_and_qualitative_evaluation_groups") else None
-    text = str(sr_ds)
-    assert summary["severity_category"] in text
-    assert groups is None or len(groups) >= 1
+    numbers = sr_numbers(sr_ds)
+    for side in ("left", "right"):
+        assert numbers[(f"{side} lung", "Volume")] == pytest.approx(summary["lung_volume_ml"][side], abs=0.1)
+        assert numbers[(f"{side} lung", "Percentage of lung volume with opacity")] == pytest.approx(
+            summary["percent_opacity"][side], abs=0.01)
+    assert numbers[("both lungs", "Volume")] == pytest.approx(summary["lung_volume_ml"]["total"], abs=0.1)
+    codes_found = sr_codes(sr_ds)
+    assert ("Severity category (MosMedData)", summary["severity_category"]) in codes_found
+    assert ("Scope of measurement", "WHOLEPERLUNG") in codes_found
+    proc = subprocess.run(["dsrdump", str(_as_file(sr_ds))], capture_output=True, text=True)
+    assert proc.returncode == 0 and "Imaging Measurement Report" in proc.stdout
     seg = hd.seg.segread(_as_file(seg_ds))
     referenced = {r.ReferencedSOPInstanceUID for item in seg.ReferencedSeriesSequence
                   for r in item.ReferencedInstanceSequence}
@@ -108,7 +113,10 @@ def test_orthanc_round_trip_and_reanalysis(orthanc_and_node: tuple[Orthanc, Node
 
     # more instances (the sharp-kernel series) arrive: a second version
     storescu([B70F], "127.0.0.1", orthanc.dicom_port, orthanc.aet)
-    orthanc.store_to_modality("lungnode", [oid])
+    b70f_uid = pydicom.dcmread(next(B70F.iterdir()), stop_before_pixels=True).SeriesInstanceUID
+    series_id = orthanc.find(b70f_uid, "Series")
+    assert series_id is not None
+    orthanc.store_to_modality("lungnode", [series_id])  # the new CT series, as the routing Lua does
 
     def second() -> list[pydicom.Dataset] | None:
         srs = _results_in_orthanc(orthanc, source.StudyInstanceUID)[SR_CLASS]
@@ -126,6 +134,30 @@ def test_orthanc_round_trip_and_reanalysis(orthanc_and_node: tuple[Orthanc, Node
         assert study.instance_count == 60
         _wait(lambda: all(d.state == DeliveryState.SENT for d in s.scalars(select(Delivery))), 30,
               "deliveries marked sent")
+
+
+def _walk(items, group: str | None = None):  # type: ignore[no-untyped-def]
+    for item in items:
+        name = item.ConceptNameCodeSequence[0].CodeMeaning if "ConceptNameCodeSequence" in item else ""
+        if item.ValueType == "TEXT" and name == "Tracking Identifier":
+            group = item.TextValue
+        yield group, name, item
+        if "ContentSequence" in item:
+            inner = list(item.ContentSequence)
+            ids = [i.TextValue for i in inner if i.ValueType == "TEXT"
+                   and i.ConceptNameCodeSequence[0].CodeMeaning == "Tracking Identifier"]
+            yield from _walk(inner, ids[0] if ids else group)
+
+
+def sr_numbers(ds: pydicom.Dataset) -> dict[tuple[str | None, str], float]:
+    """(tracking identifier of the group, concept name) -> numeric value."""
+    return {(g, n): float(i.MeasuredValueSequence[0].NumericValue)
+            for g, n, i in _walk(ds.ContentSequence) if i.ValueType == "NUM"}
+
+
+def sr_codes(ds: pydicom.Dataset) -> set[tuple[str, str]]:
+    return {(n, i.ConceptCodeSequence[0].CodeValue) for _, n, i in _walk(ds.ContentSequence)
+            if i.ValueType == "CODE"}
 
 
 def _as_file(ds: pydicom.Dataset) -> Path:
