@@ -30,7 +30,8 @@ SC_CLASS = "1.2.840.10008.5.1.4.1.1.7"
 def orthanc_and_node(tmp_path: Path, db_url: str,
                      make_settings: Callable[..., Settings]) -> Iterator[tuple[Orthanc, Node]]:
     node_port = free_port()
-    with Orthanc(tmp_path / "orthanc", modalities={"lungnode": ("LUNGNODE", "127.0.0.1", node_port)}) as orthanc:
+    modalities = {"lungnode": ("LUNGNODE", "127.0.0.1", node_port)}
+    with Orthanc(tmp_path / "orthanc", modalities=modalities) as orthanc:
         settings = make_settings(
             db_url, port=node_port,
             peers=[{"name": "orthanc", "ae_title": orthanc.aet, "host": "127.0.0.1",

@@ -1,0 +1,106 @@
+"""Bad studies through the running node: each ends with a clear reason on the study,
+nothing received is lost, and no result is sent."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.encaps import encapsulate, generate_frames
+from pydicom.uid import JPEG2000Lossless, generate_uid
+from sqlalchemy import func, select
+
+from node.db import Instance, ResultObject, Study, StudyState
+from node.service import Node
+from node.settings import Settings
+from tests.conftest import B40F
+from tests.peers import free_port, storescu
+
+
+@pytest.fixture
+def node(tmp_path: Path, make_settings: Callable[..., Settings]) -> Iterator[Node]:
+    settings = make_settings(f"sqlite:///{tmp_path / 'n.db'}", port=free_port(),
+                             peers=[{"name": "ct", "ae_title": "STORESCU", "host": "127.0.0.1",
+                                     "port": 104}])
+    n = Node(settings)
+    n.start()
+    yield n
+    n.stop()
+
+
+def _copy(tmp_path: Path, name: str, edit: Callable[[int, pydicom.Dataset], None],
+          count: int = 30) -> Path:
+    out = tmp_path / name
+    out.mkdir()
+    study, series = generate_uid(), generate_uid()
+    for i, f in enumerate(sorted(B40F.iterdir())[:count]):
+        ds = pydicom.dcmread(f)
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
+        ds.SOPInstanceUID = generate_uid()
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        edit(i, ds)
+        ds.save_as(out / f.name, enforce_file_format=True)
+    return out
+
+
+def _final(node: Node, timeout: float = 90) -> Study:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        with node.sessions() as s:
+            study = s.scalars(select(Study)).first()
+            if study is not None and study.state in (StudyState.COMPLETE, StudyState.REJECTED,
+                                                     StudyState.FAILED):
+                return study
+        time.sleep(0.2)
+    raise AssertionError("the study did not reach an end state")
+
+
+def _send(node: Node, folder: Path, extra: tuple[str, ...] = ()) -> None:
+    storescu([folder], "127.0.0.1", node.settings.dicom.port, "LUNGNODE", extra_args=extra)
+
+
+def _no_results(node: Node, instances: int) -> None:
+    with node.sessions() as s:
+        assert s.scalar(select(func.count()).select_from(ResultObject)) == 0
+        assert s.scalar(select(func.count()).select_from(Instance)) == instances
+
+
+def test_series_of_three_slices_is_rejected_with_the_reason(node: Node, tmp_path: Path) -> None:
+    _send(node, _copy(tmp_path, "three", lambda i, ds: None, count=3))
+    study = _final(node)
+    assert study.state == StudyState.REJECTED
+    assert "has 3 slices; at least 20 are needed" in (study.reason or "")
+    _no_results(node, 3)
+
+
+def test_mixed_orientations_are_rejected_with_the_reason(node: Node, tmp_path: Path) -> None:
+    def tilt(i: int, ds: pydicom.Dataset) -> None:
+        if i % 2:
+            ds.ImageOrientationPatient = [1, 0, 0, 0, 0.99619, -0.08716]  # 5 degrees gantry tilt
+
+    _send(node, _copy(tmp_path, "mixed", tilt))
+    study = _final(node)
+    assert study.state == StudyState.REJECTED
+    assert "orientation" in (study.reason or "")
+    _no_results(node, 30)
+
+
+def test_corrupt_compressed_pixel_data_fails_with_the_instance_named(node: Node, tmp_path: Path) -> None:
+    bad_uid: list[str] = []
+
+    def corrupt(i: int, ds: pydicom.Dataset) -> None:
+        ds.compress(JPEG2000Lossless)
+        if i == 12:
+            frame = next(generate_frames(ds.PixelData, number_of_frames=1))
+            ds.PixelData = encapsulate([frame[:200]])  # the codestream is cut short
+            bad_uid.append(ds.SOPInstanceUID)
+
+    _send(node, _copy(tmp_path, "corrupt", corrupt), ("--propose-j2k-lossless",))
+    study = _final(node)
+    assert study.state == StudyState.FAILED
+    assert "cannot decode pixel data" in (study.reason or "")
+    assert bad_uid[0] in (study.reason or "")
+    _no_results(node, 30)
