@@ -80,7 +80,8 @@ def category_for(percent_opacity: float, normal_below: float = 1.0) -> str:
 
 
 def _reduced(volume: CTVolume, f: int) -> tuple[np.ndarray, float]:
-    return block_mean(volume.hu, f), volume.spacing[0] * volume.spacing[1] * volume.spacing[2] * f * f / 1000.0
+    voxel_ml = volume.spacing[0] * volume.spacing[1] * volume.spacing[2] * f * f / 1000.0
+    return block_mean(volume.hu, f), voxel_ml
 
 
 def _reduce_mask(mask: np.ndarray, f: int) -> np.ndarray:

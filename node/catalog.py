@@ -134,15 +134,13 @@ class Catalog:
 
     def record_refusal(self, study_uid: str | None, action: str, detail: str) -> None:
         """Record a refused instance or association on its study (when known)."""
-        with self._sessions() as session:
-            study_id = None
-            if study_uid:
-                study_id = self._study_id(session, study_uid)
-            session.add(AuditEntry(actor="scp", action=action, study_id=study_id, detail=detail))
+        with self._engine.begin() as conn:
+            study_id = self._study_id(conn, study_uid) if study_uid else None
+            conn.execute(insert(AuditEntry).values(actor="scp", action=action, study_id=study_id,
+                                                   detail=detail))
             if study_id is not None:
-                session.execute(update(Study).where(Study.id == study_id).values(
+                conn.execute(update(Study).where(Study.id == study_id).values(
                     reason=f"refused: {detail}"[:2000], updated_at=utcnow()))
-            session.commit()
         logger.warning("%s: %s", action, detail)
 
     def forget(self) -> None:

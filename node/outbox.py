@@ -128,6 +128,7 @@ def deliver_due(sessions: sessionmaker[Session], storage_root: Path, peers: dict
     sent = failed = dead = 0
     for destination, items in batch.items():
         peer = peers.get(destination)
+        outcomes: dict[int, tuple[int | None, str]]
         if peer is None:
             outcomes = {i: (None, f"destination {destination!r} is no longer in [[peers]]")
                         for i, _ in items}

@@ -13,6 +13,8 @@ import struct
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
+from io import BytesIO
+from typing import cast
 
 from pydicom.dataset import Dataset
 from pydicom.uid import (
@@ -31,6 +33,7 @@ from pydicom.uid import (
     RLELossless,
 )
 from pynetdicom import AE, PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION, evt
+from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.events import Event
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     CTImageStorage,
@@ -153,7 +156,8 @@ class StoreSCP:
     def _on_requested(self, event: Event) -> None:
         assoc = event.assoc
         # requestor.ae_title is only filled in after EVT_REQUESTED; read the A-ASSOCIATE-RQ
-        calling = str(assoc.requestor.primitive.calling_ae_title).strip()
+        primitive = assoc.requestor.primitive
+        calling = str(primitive.calling_ae_title).strip() if primitive is not None else ""
         address = assoc.requestor.address
         if not self.settings.require_known_peers:
             return
@@ -215,8 +219,9 @@ class StoreSCP:
             self.catalog.record_refusal(study_uid, "instance-refused", problem)
             return _Refusal(STATUS_DATASET_MISMATCH, problem)
         meta = file_meta_bytes(sop_class, sop_uid, str(event.context.transfer_syntax), calling)
-        stored = self.store.write(study_uid, series_uid, sop_uid,
-                                  (meta, event.request.DataSet.getbuffer()))
+        request = cast(C_STORE, event.request)
+        raw = cast(BytesIO, request.DataSet)
+        stored = self.store.write(study_uid, series_uid, sop_uid, (meta, raw.getbuffer()))
         fresh = self.catalog.record_instance(InstanceRecord(
             study_instance_uid=study_uid, series_instance_uid=series_uid,
             sop_instance_uid=sop_uid, sop_class_uid=sop_class,
@@ -263,7 +268,7 @@ class StoreSCP:
 
     def start(self) -> None:
         """Listen on ``[dicom] host:port`` in background threads."""
-        handlers = [
+        handlers: list = [
             (evt.EVT_CONN_OPEN, set_tcp_nodelay),
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_C_STORE, self._on_store),

@@ -151,16 +151,16 @@ class Settings(BaseSettings):
         env_prefix="LUNGNODE_", env_nested_delimiter="__", extra="forbid"
     )
 
-    dicom: DicomSettings = Field(default_factory=DicomSettings)
-    storage: StorageSettings = Field(default_factory=StorageSettings)
-    database: DatabaseSettings = Field(default_factory=DatabaseSettings)
-    completion: CompletionSettings = Field(default_factory=CompletionSettings)
-    worker: WorkerSettings = Field(default_factory=WorkerSettings)
-    selection: SelectionSettings = Field(default_factory=SelectionSettings)
-    analysis: AnalysisSettings = Field(default_factory=AnalysisSettings)
+    dicom: DicomSettings = Field(default_factory=lambda: DicomSettings())
+    storage: StorageSettings = Field(default_factory=lambda: StorageSettings())
+    database: DatabaseSettings = Field(default_factory=lambda: DatabaseSettings())
+    completion: CompletionSettings = Field(default_factory=lambda: CompletionSettings())
+    worker: WorkerSettings = Field(default_factory=lambda: WorkerSettings())
+    selection: SelectionSettings = Field(default_factory=lambda: SelectionSettings())
+    analysis: AnalysisSettings = Field(default_factory=lambda: AnalysisSettings())
     peers: list[Peer] = Field(default_factory=list)
-    delivery: DeliverySettings = Field(default_factory=DeliverySettings)
-    web: WebSettings = Field(default_factory=WebSettings)
+    delivery: DeliverySettings = Field(default_factory=lambda: DeliverySettings())
+    web: WebSettings = Field(default_factory=lambda: WebSettings())
     log_level: str = "INFO"
     config_path: Path | None = None
 

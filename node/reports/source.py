@@ -28,7 +28,8 @@ PATIENT_STUDY_KEYWORDS = (
 def _clean(ds: Dataset) -> Dataset:
     out = Dataset()
     out.update(ds)  # shallow: element objects are shared, sequences are replaced below
-    out.file_meta = getattr(ds, "file_meta", Dataset())
+    if hasattr(ds, "file_meta"):
+        out.file_meta = ds.file_meta
     for keyword in _REFERENCE_SEQUENCES:
         if keyword not in out:
             continue
