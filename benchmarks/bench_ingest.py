@@ -177,7 +177,8 @@ def main() -> None:
         print(f"\n{'case':45} {'Orthanc inst/s':>15} {'node inst/s':>12} {'node/Orthanc time':>18}")
         for label, t_o, t_n in rows:
             print(f"{label:45} {n / t_o:15.0f} {n / t_n:12.0f} {t_n / t_o:18.2f}")
-        print(f"\n{'sender into Orthanc':45} {'storescu inst/s':>15} {'node inst/s':>12} {'node/storescu time':>18}")
+        head = f"{'storescu inst/s':>15} {'node inst/s':>12} {'node/storescu time':>18}"
+        print(f"\n{'sender into Orthanc':45} {head}")
         print(f"{'1 association, TCP_NODELAY=1 for Orthanc':45} {n / t_scu:15.0f} {n / t_send:12.0f} "
               f"{t_send / t_scu:18.2f}")
         print("(node send time includes starting the CLI process, about 1 s)")

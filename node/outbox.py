@@ -25,7 +25,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from node.db import AuditEntry, Delivery, DeliveryState, ResultObject, utcnow
 from node.errors import DeliveryError
-from node.scp import set_tcp_nodelay
+from node.scp import tune_connection
 from node.settings import DeliverySettings, DicomSettings, Peer
 
 __all__ = ["DeliveryOutcome", "backoff", "deliver_due", "retry_delivery", "send_files"]
@@ -70,7 +70,7 @@ def send_files(paths: list[Path], peer: Peer, dicom: DicomSettings,
         for syntax in sorted(syntaxes):
             ae.add_requested_context(sop_class, [syntax])
     assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title,
-                         evt_handlers=[(evt.EVT_CONN_OPEN, set_tcp_nodelay)])
+                         evt_handlers=[(evt.EVT_CONN_OPEN, tune_connection)])
     if not assoc.is_established:
         # pynetdicom reports a refused TCP connection as an abort too
         why = ("rejected the association" if assoc.is_rejected
