@@ -92,6 +92,22 @@ def _reduce_mask(mask: np.ndarray, f: int) -> np.ndarray:
     return mask[:, :y2, :x2].reshape(z, y2 // f, f, x2 // f, f).mean(axis=(2, 4)) >= 0.5
 
 
+def _lung_box(mask: np.ndarray, f: int) -> tuple[slice, slice, slice]:
+    """Bounding box of the lungs, in-plane edges on multiples of the block size ``f``."""
+    if not mask.any():
+        return (slice(0, mask.shape[0]), slice(0, mask.shape[1]), slice(0, mask.shape[2]))
+    box = []
+    for axis in range(3):
+        other = tuple(a for a in range(3) if a != axis)
+        idx = np.nonzero(mask.any(axis=other))[0]
+        lo, hi = int(idx[0]), int(idx[-1]) + 1
+        if axis > 0:
+            lo = (lo // f) * f
+            hi = min(mask.shape[axis], -(-hi // f) * f)
+        box.append(slice(lo, hi))
+    return box[0], box[1], box[2]
+
+
 def _measure(mask: np.ndarray, opacity: np.ndarray, high: np.ndarray, voxel_ml: float) -> LungMeasurement:
     n = int(mask.sum())
     if n == 0:
@@ -132,9 +148,13 @@ def quantify(volume: CTVolume, masks: LungMasks, thresholds: OpacityThresholds =
         opacity mask on the volume's grid and quality flags.
     """
     f = max(1, int(round(grid_mm / max(volume.spacing[1], volume.spacing[2]))))
-    hu, voxel_ml = _reduced(volume, f)
-    left = _reduce_mask(masks.left, f)
-    right = _reduce_mask(masks.right, f)
+    box = _lung_box(masks.both, f)
+    sub = CTVolume(hu=volume.hu[box], spacing=volume.spacing, origin=volume.origin,
+                   direction=volume.direction, series_instance_uid=volume.series_instance_uid,
+                   sop_instance_uids=(), slice_thickness=volume.slice_thickness)
+    hu, voxel_ml = _reduced(sub, f)
+    left = _reduce_mask(masks.left[box], f)
+    right = _reduce_mask(masks.right[box], f)
     lungs = left | right
     dense = lungs & (hu >= thresholds.opacity_low) & (hu <= thresholds.high_opacity_high)
     r_y = max(1, int(round(vessel_radius_mm / (volume.spacing[1] * f))))
@@ -147,7 +167,9 @@ def quantify(volume: CTVolume, masks: LungMasks, thresholds: OpacityThresholds =
     result_r = _measure(right, opacity, high, voxel_ml)
     total = _measure(lungs, opacity, high, voxel_ml)
     flags = _quality_flags(volume, masks, total)
-    opacity_full = upsample_mask(opacity, f, volume.shape) & masks.both
+    opacity_full = np.zeros(volume.shape, dtype=bool)
+    opacity_full[box] = upsample_mask(opacity, f, sub.shape)
+    opacity_full &= masks.both
     return Quantification(
         left=result_l, right=result_r, total=total,
         severity_category=category_for(total.percent_opacity, normal_below_percent),

@@ -55,7 +55,8 @@ def listener(db_url: str, make_settings: Callable[..., Settings]) -> Iterator[Ca
     def start(**sections: dict) -> Listener:
         port = free_port()
         peers = [{"name": "ct", "ae_title": "STORESCU", "host": "127.0.0.1", "port": 104},
-                 {"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": 4242}]
+                 {"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": 4242},
+                 {"name": "remote", "ae_title": "REMOTE", "host": "192.0.2.7", "port": 104}]
         s = make_settings(db_url, port=port, peers=peers, **sections)
         upgrade(s.database.url)
         sessions = make_session_factory(make_engine(s.database.url))
@@ -199,6 +200,20 @@ def test_unknown_calling_ae_title_is_rejected_and_recorded(listener: Callable[..
     res = storescu([B40F], "127.0.0.1", lst.port, "LUNGNODE", calling_aet="NOBODY", check=False)
     assert res.returncode != 0
     assert lst.count() == 0
+
+
+def test_peer_host_check_rejects_a_known_title_from_another_host(
+        listener: Callable[..., Listener]) -> None:
+    lst = listener(dicom={"check_peer_host": True})
+    ae = AE(ae_title="REMOTE")  # configured at 192.0.2.7, connecting from 127.0.0.1
+    ae.add_requested_context(CTImageStorage)
+    assert ae.associate("127.0.0.1", lst.port, ae_title="LUNGNODE").is_rejected
+    assert "not its configured host" in (lst.audit("association-refused")[0].detail or "")
+    ae2 = AE(ae_title="PACS")  # configured at 127.0.0.1
+    ae2.add_requested_context(CTImageStorage)
+    assoc = ae2.associate("127.0.0.1", lst.port, ae_title="LUNGNODE")
+    assert assoc.is_established
+    assoc.release()
 
 
 def test_wrong_called_ae_title_is_rejected(listener: Callable[..., Listener]) -> None:
