@@ -1,28 +1,48 @@
 """Coded concepts used in lungnode's results.
 
-Standard codes come from pydicom's code dictionary (SNOMED CT, DCM, UCUM).
-Where no standard code exists, lungnode uses its private coding scheme
-``99LUNGNODE`` (designators beginning with ``99`` are reserved for local use):
+Standard codes come from pydicom's code dictionary (SNOMED CT ``SCT``, ``DCM``,
+UCUM): Lung 39607008 with laterality Left 7771000 / Right 24028007, Volume
+118565006, Anatomical Structure 91723000, Morphologically Abnormal Structure
+49755003, and the UCUM units ``ml``, ``%`` and ``1``.
 
-==============  ============================================================
-code            meaning
-==============  ============================================================
-PO              Percentage of lung volume with opacity (-700..100 HU)
-PHO             Percentage of lung volume with high opacity (-300..100 HU)
-OPACITY         Lung opacity (ground glass and consolidation), SEG segment
-SEVCAT          Severity category (MosMedData CT-0..CT-4, quantitative)
-CT-0..CT-4      the five MosMedData categories
-CNNCLASS        Severity class predicted by the CNN
-PCOVID          Probability of COVID-19 (1 - P(non-COVID))
-P-<class>       Probability of one CNN class (non-COVID, mild, ...)
-NONCOVID, MILD, MODERATE, SEVERE, CRITICAL   the CNN classes (Cov3d)
-QUALITY         Quality flag (value: one of the flag codes below)
-PARTCOV         Lungs not fully covered by the scan
-THICK           Slice thickness over 5 mm
-VOLRANGE        Lung volume outside the plausible adult range
-NOISE           Heavy image noise
-SCOPE           Scope of measurement: whole lung and per lung, no lobes
-==============  ============================================================
+No standard codes exist for the percentage of opacity, the MosMedData
+categories, the CNN's classes or the quality flags, so lungnode uses its private
+coding scheme ``99LUNGNODE`` (designators beginning with ``99`` are reserved for
+local use by PS3.16 8.2):
+
+================================  =============================================================
+code (scheme ``99LUNGNODE``)      meaning
+================================  =============================================================
+``PO``                            Percentage of lung volume with opacity (NUM, unit ``%``):
+                                  voxels from -700 to 100 HU (ground glass and consolidation)
+``PHO``                           Percentage of lung volume with high opacity (NUM, unit ``%``):
+                                  voxels from -300 to 100 HU (consolidation)
+``SEVCAT``                        Severity category (MosMedData), quantitative; values
+                                  ``CT-0`` .. ``CT-4``
+``CT-0`` .. ``CT-4``              CT-0 no opacity, CT-1 under 25 %, CT-2 25-50 %, CT-3 50-75 %,
+                                  CT-4 over 75 % of lung involved
+``SCOPE``                         Scope of measurement; value ``WHOLEPERLUNG``
+``WHOLEPERLUNG``                  Whole lung and per lung, no lobes
+``QUALITY``                       Quality flag (CODE); values ``PARTCOV``, ``THICK``,
+                                  ``VOLRANGE``, ``NOISE``, ``OTHER``
+``QUALITYTEXT``                   Quality flag text (TEXT): the flag in words, with its numbers
+``PARTCOV``                       Lungs not fully covered by the scan
+``THICK``                         Slice thickness over 5 mm
+``VOLRANGE``                      Lung volume outside the plausible adult range
+``NOISE``                         Heavy image noise
+``OTHER``                         Other quality flag (see the QUALITYTEXT item)
+``CNNCLASS``                      Severity class predicted by CNN; values ``NONCOVID``,
+                                  ``MILD``, ``MODERATE``, ``SEVERE``, ``CRITICAL``
+``P-NONCOVID`` .. ``P-CRITICAL``  Probability of one CNN class (NUM, unit ``1``)
+``PCOVID``                        Probability of COVID-19 = 1 - P(non-COVID) (NUM, unit ``1``)
+``OPACITY``                       Lung opacity: the SEG segment of ground glass and
+                                  consolidation together
+================================  =============================================================
+
+Why the opacity segment has a private code: SNOMED CT 1217294009 *Ground
+glass lung opacity* (a finding) names ground glass only, while the segment
+also holds consolidation; 50196008, sometimes quoted for ground glass, is
+listed elsewhere as *Perialveolar fibrosis of lung*, so it is not used.
 """
 
 from __future__ import annotations
@@ -33,26 +53,41 @@ from pydicom.sr.codedict import codes
 __all__ = [
     "CATEGORY_MEANINGS",
     "CLASS_CODES",
-    "LEFT_LUNG",
+    "CNN_CLASS",
+    "LATERALITY",
+    "LUNG",
+    "ML",
+    "OPACITY",
+    "P_COVID",
     "PERCENT",
-    "RIGHT_LUNG",
+    "PHO",
+    "PO",
+    "QUALITY",
+    "QUALITY_TEXT",
     "SCHEME",
+    "SCOPE",
+    "SEVERITY_CATEGORY",
     "UNITY",
+    "WHOLE_AND_PER_LUNG",
+    "category_code",
     "flag_code",
     "private",
+    "probability_name",
 ]
 
 SCHEME = "99LUNGNODE"
 
 
 def private(value: str, meaning: str) -> CodedConcept:
-    """A concept of lungnode's private coding scheme."""
+    """A concept of lungnode's private coding scheme ``99LUNGNODE``."""
     return CodedConcept(value=value, scheme_designator=SCHEME, meaning=meaning[:64])
 
 
-LEFT_LUNG = CodedConcept("44029006", "SCT", "Left lung")
-RIGHT_LUNG = CodedConcept("3341006", "SCT", "Right lung")
-LUNG = codes.SCT.Lung
+LUNG = CodedConcept.from_code(codes.SCT.Lung)
+LATERALITY = {
+    "left": CodedConcept.from_code(codes.SCT.Left),
+    "right": CodedConcept.from_code(codes.SCT.Right),
+}
 PERCENT = CodedConcept("%", "UCUM", "percent")
 UNITY = CodedConcept("1", "UCUM", "no units")
 ML = CodedConcept("ml", "UCUM", "milliliter")
@@ -64,6 +99,7 @@ SEVERITY_CATEGORY = private("SEVCAT", "Severity category (MosMedData)")
 CNN_CLASS = private("CNNCLASS", "Severity class predicted by CNN")
 P_COVID = private("PCOVID", "Probability of COVID-19")
 QUALITY = private("QUALITY", "Quality flag")
+QUALITY_TEXT = private("QUALITYTEXT", "Quality flag text")
 SCOPE = private("SCOPE", "Scope of measurement")
 WHOLE_AND_PER_LUNG = private("WHOLEPERLUNG", "Whole lung and per lung, no lobes")
 
@@ -92,16 +128,45 @@ _FLAGS = (
 
 
 def flag_code(flag: str) -> CodedConcept:
-    """The coded form of a quality flag of :class:`model.quantify.Quantification`."""
+    """The coded form of a quality flag of :class:`model.quantify.Quantification`.
+
+    Parameters
+    ----------
+    flag:
+        The flag as :func:`model.quantify.quantify` words it.
+
+    Returns
+    -------
+    CodedConcept
+        ``PARTCOV``, ``THICK``, ``VOLRANGE``, ``NOISE``, or ``OTHER`` for a flag
+        this table does not know (its words go into the QUALITYTEXT item).
+    """
     for prefix, value, meaning in _FLAGS:
         if flag.lower().startswith(prefix):
             return private(value, meaning)
-    return private("OTHER", flag)
+    return private("OTHER", "Other quality flag")
 
 
 def category_code(category: str) -> CodedConcept:
-    return private(category, CATEGORY_MEANINGS.get(category, category))
+    """The coded MosMedData category ``CT-0`` .. ``CT-4``.
+
+    Raises
+    ------
+    ValueError
+        ``category`` is not one of the five categories.
+    """
+    if category not in CATEGORY_MEANINGS:
+        raise ValueError(f"unknown severity category {category!r}; expected one of "
+                         f"{', '.join(CATEGORY_MEANINGS)}")
+    return private(category, CATEGORY_MEANINGS[category])
 
 
 def probability_name(class_name: str) -> CodedConcept:
+    """Concept name of the probability of one CNN class, e.g. ``P-MILD``.
+
+    Raises
+    ------
+    KeyError
+        ``class_name`` is not one of :data:`model.prediction.CLASS_NAMES`.
+    """
     return private(f"P-{CLASS_CODES[class_name].value}", f"Probability of {class_name}")

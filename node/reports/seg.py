@@ -1,4 +1,19 @@
-"""The DICOM Segmentation: left lung, right lung and opacity, on the source grid."""
+"""The DICOM Segmentation: left lung, right lung and opacity on the source grid.
+
+A binary Segmentation (highdicom) on the CT's frame of reference, one frame per
+source slice and segment, referencing every analysed image.  Frames without
+any segmented pixel are left out, so a 300-slice study carries only the
+slices through the lungs.  Segments:
+
+1. *Left lung*: SCT Lung 39607008 with the modifier SCT Left 7771000,
+   category SCT Anatomical Structure 91723000, shown green;
+2. *Right lung*: SCT Lung with the modifier SCT Right 24028007, shown blue;
+3. *Lung opacity*: ``99LUNGNODE OPACITY`` (ground glass and consolidation,
+   see :mod:`node.reports.codes`), category SCT Morphologically Abnormal
+   Structure 49755003, anatomic region SCT Lung, shown red.
+
+The colours are those of the summary image.
+"""
 
 from __future__ import annotations
 
@@ -7,53 +22,106 @@ from collections.abc import Sequence
 import highdicom as hd
 import numpy as np
 from pydicom.dataset import Dataset
+from pydicom.sequence import Sequence as DicomSequence
 from pydicom.sr.codedict import codes
+from pydicom.uid import ExplicitVRLittleEndian
 
 from model.lungs import LungMasks
-from node.reports.codes import LEFT_LUNG, OPACITY, RIGHT_LUNG
+from node.errors import ReportError
+from node.reports import codes as lc
 
-__all__ = ["SEGMENT_LABELS", "build_segmentation"]
+__all__ = ["SEGMENT_COLOURS", "SEGMENT_LABELS", "build_segmentation"]
 
 SEGMENT_LABELS = ("Left lung", "Right lung", "Lung opacity")
+"""Segment labels in segment-number order (1, 2, 3)."""
+
+SEGMENT_COLOURS: tuple[tuple[int, int, int], ...] = ((40, 220, 40), (60, 140, 255), (255, 60, 60))
+"""RGB display colours of the segments, in segment-number order."""
 
 
-def _algorithm(name: str, version: str) -> hd.AlgorithmIdentificationSequence:
-    return hd.AlgorithmIdentificationSequence(
-        name=name, family=codes.cid7162.ArtificialIntelligence, version=version)
+def _lung_segment(number: int, side: str, algorithm: hd.AlgorithmIdentificationSequence
+                  ) -> hd.seg.SegmentDescription:
+    description = hd.seg.SegmentDescription(
+        segment_number=number, segment_label=SEGMENT_LABELS[number - 1],
+        segmented_property_category=codes.SCT.AnatomicalStructure,
+        segmented_property_type=hd.sr.CodedConcept.from_code(codes.SCT.Lung),  # fresh: modified below
+        algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+        algorithm_identification=algorithm, tracking_uid=hd.UID(), tracking_id=f"{side} lung",
+        display_color=hd.color.CIELabColor.from_rgb(*SEGMENT_COLOURS[number - 1]))
+    # Laterality as PS3.3 C.8.20.2 expresses it: a modifier nested in the property type
+    modifier = Dataset()
+    modifier.CodeValue = lc.LATERALITY[side].value
+    modifier.CodingSchemeDesignator = lc.LATERALITY[side].scheme_designator
+    modifier.CodeMeaning = lc.LATERALITY[side].meaning
+    property_type = description.SegmentedPropertyTypeCodeSequence[0]
+    property_type.SegmentedPropertyTypeModifierCodeSequence = DicomSequence([modifier])
+    return description
+
+
+def _segment_stack(masks: LungMasks, opacity: np.ndarray) -> np.ndarray:
+    """``(z, y, x, segment)`` view over a segment-major array.
+
+    highdicom checks for overlapping segments with a sum over the last axis;
+    with the segments as the slowest axis that sum adds three contiguous
+    volumes instead of reducing 3-element rows (0.9 s instead of 1.9 s for
+    300x512x512 on this project's build machine).
+    """
+    stack = np.empty((3, *masks.left.shape), dtype=bool)
+    stack[0] = masks.left
+    stack[1] = masks.right
+    stack[2] = opacity
+    return np.moveaxis(stack, 0, -1)
 
 
 def build_segmentation(sources: Sequence[Dataset], masks: LungMasks, opacity: np.ndarray, *,
                        algorithm_name: str, algorithm_version: str, series_number: int,
-                       manufacturer: str) -> hd.seg.Segmentation:
-    """A binary SEG with three segments referencing ``sources`` (z order, cleaned headers)."""
-    algorithm = _algorithm(f"{algorithm_name} lung segmentation", algorithm_version)
+                       manufacturer: str, institution_name: str | None = None
+                       ) -> hd.seg.Segmentation:
+    """A binary SEG with the left lung, the right lung and the opacity.
+
+    Parameters
+    ----------
+    sources:
+        Cleaned headers of the analysed images (:func:`node.reports.source.clean_headers`)
+        in the masks' z order.
+    masks, opacity:
+        Boolean ``(z, y, x)`` masks on the source grid.
+    algorithm_name, algorithm_version:
+        The segmentation algorithm's identity (Algorithm Identification).
+    series_number, manufacturer, institution_name:
+        Series and equipment attributes of the new object.
+
+    Raises
+    ------
+    ReportError
+        The masks do not match the source images in number or size.
+    """
+    expected = (len(sources), int(sources[0].Rows), int(sources[0].Columns))
+    for name, mask in (("left lung", masks.left), ("right lung", masks.right),
+                       ("opacity", opacity)):
+        if mask.shape != expected:
+            raise ReportError(
+                f"{name} mask has shape {mask.shape} but series {sources[0].SeriesInstanceUID} "
+                f"has {expected[0]} images of {expected[1]}x{expected[2]}; masks must be on the "
+                "grid of the analysed images")
+    algorithm = hd.AlgorithmIdentificationSequence(
+        name=f"{algorithm_name} lung segmentation", version=algorithm_version,
+        family=codes.cid7162.ArtificialIntelligence)
     descriptions = [
-        hd.seg.SegmentDescription(
-            segment_number=1, segment_label=SEGMENT_LABELS[0],
-            segmented_property_category=codes.SCT.AnatomicalStructure,
-            segmented_property_type=LEFT_LUNG,
-            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
-            algorithm_identification=algorithm, tracking_uid=hd.UID(),
-            tracking_id="left lung"),
-        hd.seg.SegmentDescription(
-            segment_number=2, segment_label=SEGMENT_LABELS[1],
-            segmented_property_category=codes.SCT.AnatomicalStructure,
-            segmented_property_type=RIGHT_LUNG,
-            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
-            algorithm_identification=algorithm, tracking_uid=hd.UID(),
-            tracking_id="right lung"),
+        _lung_segment(1, "left", algorithm),
+        _lung_segment(2, "right", algorithm),
         hd.seg.SegmentDescription(
             segment_number=3, segment_label=SEGMENT_LABELS[2],
             segmented_property_category=codes.SCT.MorphologicallyAbnormalStructure,
-            segmented_property_type=OPACITY,
+            segmented_property_type=lc.OPACITY,
             algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
             algorithm_identification=algorithm, tracking_uid=hd.UID(),
-            tracking_id="lung opacity", anatomic_regions=[codes.SCT.Lung]),
+            tracking_id="lung opacity", anatomic_regions=[lc.LUNG],
+            display_color=hd.color.CIELabColor.from_rgb(*SEGMENT_COLOURS[2])),
     ]
-    pixel_array = np.stack([masks.left, masks.right, opacity], axis=-1)
-    return hd.seg.Segmentation(
+    seg = hd.seg.Segmentation(
         source_images=list(sources),
-        pixel_array=pixel_array,
+        pixel_array=_segment_stack(masks, opacity),
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=descriptions,
         series_instance_uid=hd.UID(),
@@ -64,6 +132,12 @@ def build_segmentation(sources: Sequence[Dataset], masks: LungMasks, opacity: np
         manufacturer_model_name=algorithm_name,
         software_versions=algorithm_version,
         device_serial_number="1",
-        series_description="lungnode lung segmentation",
+        series_description=f"{algorithm_name} lung segmentation",
+        content_label="LUNGS",
+        content_description="Left lung, right lung and lung opacity (automatic)",
         omit_empty_frames=True,
+        transfer_syntax_uid=ExplicitVRLittleEndian,
     )
+    if institution_name:
+        seg.InstitutionName = institution_name
+    return seg

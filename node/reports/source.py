@@ -1,60 +1,180 @@
 """Source image headers made fit to derive objects from.
 
-Real studies carry non-conformant attributes that highdicom copies into
-derived objects (for example a Referenced Study Sequence item without
-Referenced SOP Class UID, which makes ``dciodvfy`` report an error).  These
-helpers return cleaned copies; the source files are never changed.
+highdicom copies every Patient- and Study-level attribute of the first source
+image into a derived object, conformant or not.  Real studies carry
+non-conformant attributes: a Referenced Study Sequence item without
+Referenced SOP Class UID (seen in studies from several archives), code items
+without a meaning, empty items.  Copied into an SR, SEG or Secondary Capture,
+they make ``dciodvfy`` report errors and some archives refuse the object.
+
+:func:`clean_headers` returns repaired copies (the caller's datasets are never
+changed):
+
+- pixel data and private attributes are left out (nothing derived needs them);
+- every sequence is checked item by item, nested sequences first: an item is
+  dropped when it is empty, when it holds only one of Referenced SOP Class UID
+  and Referenced SOP Instance UID (both are Type 1 in every reference macro),
+  or when it is a code item without a code value, a coding scheme or a meaning;
+  a sequence left without items is dropped (the sequences concerned are Type 3
+  at Patient and Study level);
+- the Type 2 patient and study identifiers are added empty where absent, so a
+  derived object never lacks them.
 """
 
 from __future__ import annotations
 
+import copy
+import logging
 from collections.abc import Sequence
 
+from pydicom.datadict import dictionary_has_tag, dictionary_VR, keyword_for_tag
+from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
+from pydicom.sequence import Sequence as DicomSequence
+from pydicom.tag import BaseTag
 
-__all__ = ["clean_headers", "patient_study_attributes"]
+from node.errors import ReportError
 
-_REFERENCE_SEQUENCES = ("ReferencedStudySequence", "ReferencedPatientSequence",
-                        "ReferencedPerformedProcedureStepSequence")
-_REQUIRED_IN_ITEM = ("ReferencedSOPClassUID", "ReferencedSOPInstanceUID")
+__all__ = ["STUDY_IDENTIFIERS", "clean_headers"]
 
-PATIENT_STUDY_KEYWORDS = (
-    "PatientName", "PatientID", "IssuerOfPatientID", "PatientBirthDate", "PatientSex",
-    "StudyInstanceUID", "StudyDate", "StudyTime", "AccessionNumber", "StudyID",
-    "ReferringPhysicianName", "StudyDescription",
+logger = logging.getLogger(__name__)
+
+STUDY_IDENTIFIERS = (
+    "PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyInstanceUID",
+    "AccessionNumber", "StudyDate", "StudyTime", "ReferringPhysicianName", "StudyID",
 )
+"""Attributes that put a result into the patient's original study; results copy them."""
+
+_TYPE2_IDENTIFIERS = tuple(k for k in STUDY_IDENTIFIERS if k != "StudyInstanceUID")
+_REQUIRED = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID",
+             "FrameOfReferenceUID", "Rows", "Columns")
+_SAME_FOR_ALL = ("StudyInstanceUID", "SeriesInstanceUID", "FrameOfReferenceUID")
+_PIXEL_TAGS = frozenset({0x7FE00010, 0x7FE00008, 0x7FE00009})  # (Float/Double Float) Pixel Data
+_REFERENCE_PAIR = ("ReferencedSOPClassUID", "ReferencedSOPInstanceUID")
+_CODE_VALUES = ("CodeValue", "LongCodeValue", "URNCodeValue")
+_CODE_KEYWORDS = (*_CODE_VALUES, "CodingSchemeDesignator", "CodeMeaning")
 
 
-def _clean(ds: Dataset) -> Dataset:
-    out = Dataset()
-    out.update(ds)  # shallow: element objects are shared, sequences are replaced below
-    if hasattr(ds, "file_meta"):
-        out.file_meta = ds.file_meta
-    for keyword in _REFERENCE_SEQUENCES:
-        if keyword not in out:
+def _item_defect(item: Dataset) -> str | None:
+    """Why a sequence item is not conformant, or ``None`` when nothing is seen wrong."""
+    if len(item) == 0:
+        return "empty item"
+    present = [k for k in _REFERENCE_PAIR if item.get(k)]
+    if len(present) == 1:
+        missing = next(k for k in _REFERENCE_PAIR if k not in present)
+        return f"item without {missing}"
+    if any(k in item for k in _CODE_KEYWORDS):
+        if not any(item.get(k) for k in _CODE_VALUES):
+            return "code item without a code value"
+        if not item.get("CodeMeaning"):
+            return "code item without Code Meaning"
+        if not item.get("URNCodeValue") and not item.get("CodingSchemeDesignator"):
+            return "code item without Coding Scheme Designator"
+    return None
+
+
+def _is_sequence(tag: BaseTag, elem: DataElement | RawDataElement) -> bool:
+    if elem.VR is not None:
+        return elem.VR == "SQ"
+    return dictionary_has_tag(tag) and dictionary_VR(tag) == "SQ"
+
+
+def _copy_element(elem: DataElement | RawDataElement) -> DataElement | RawDataElement:
+    if isinstance(elem, RawDataElement):
+        return elem  # immutable; decoded on first access in the copy
+    return copy.copy(elem)  # a new element; its value object is shared and never changed here
+
+
+def _clean_items(items: Sequence[Dataset], path: str, dropped: list[str]) -> list[Dataset] | None:
+    """Cleaned items of one sequence, or ``None`` when the sequence needs no change."""
+    changed = False
+    kept: list[Dataset] = []
+    for index, item in enumerate(items, start=1):
+        cleaned = _clean_dataset(item, f"{path}[{index}]", dropped, root=False)
+        defect = _item_defect(cleaned)
+        if defect is not None:
+            dropped.append(f"{path}[{index}] ({defect})")
+            changed = True
             continue
-        items = [item for item in out[keyword].value
-                 if all(item.get(k) for k in _REQUIRED_IN_ITEM)]
-        if items:
-            setattr(out, keyword, items)
-        else:
-            delattr(out, keyword)
-    for keyword in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"):
-        if keyword in out:
-            delattr(out, keyword)
+        changed = changed or cleaned is not item
+        kept.append(cleaned)
+    return kept if changed else None
+
+
+def _clean_dataset(ds: Dataset, path: str, dropped: list[str], *, root: bool) -> Dataset:
+    """``ds`` itself when nothing needs repair (nested levels), else a repaired copy."""
+    replaced: dict[BaseTag, list[Dataset] | None] = {}
+    for tag, elem in ds.items():
+        if not tag.is_private and _is_sequence(tag, elem):
+            name = keyword_for_tag(tag) or str(tag)
+            items = _clean_items(ds[tag].value, f"{path}/{name}" if path else name, dropped)
+            if items is not None:
+                replaced[tag] = items or None
+    if not root and not replaced:
+        return ds
+    out = Dataset()
+    for tag, elem in ds.items():
+        if root and (tag.is_private or tag in _PIXEL_TAGS):
+            continue
+        if tag in replaced:
+            items = replaced[tag]
+            if items is not None:
+                out[tag] = DataElement(tag, "SQ", DicomSequence(items))
+            continue
+        out[tag] = _copy_element(elem)
     return out
 
 
 def clean_headers(headers: Sequence[Dataset]) -> list[Dataset]:
-    """Copies of the source headers without pixel data and with broken
-    reference sequences dropped (items lacking their required UIDs)."""
-    return [_clean(h) for h in headers]
+    """Repaired copies of the source image headers of one series.
 
+    Parameters
+    ----------
+    headers:
+        The source images' datasets (pixel data not needed), in any order.
 
-def patient_study_attributes(ds: Dataset) -> Dataset:
-    """The patient and study attributes a result must carry, copied from ``ds``."""
-    out = Dataset()
-    for keyword in PATIENT_STUDY_KEYWORDS:
-        if keyword in ds:
-            setattr(out, keyword, ds.data_element(keyword).value)  # type: ignore[union-attr]
-    return out
+    Returns
+    -------
+    list of Dataset
+        Copies in the same order, without pixel data and private attributes,
+        with non-conformant sequence items dropped and absent Type 2 patient
+        and study identifiers added empty.
+
+    Raises
+    ------
+    ReportError
+        No headers, a header lacking an attribute a derived object needs, or
+        headers from more than one study, series or frame of reference.
+    """
+    if not headers:
+        raise ReportError("no source image headers were given; a report needs the analysed images")
+    first = headers[0]
+    for ds in headers:
+        missing = [k for k in _REQUIRED if not ds.get(k)]
+        if missing:
+            raise ReportError(
+                f"source image {ds.get('SOPInstanceUID', '(no SOP Instance UID)')} lacks "
+                f"{', '.join(missing)}; results cannot reference it. Re-send the series from "
+                "the scanner or choose another series")
+        for keyword in _SAME_FOR_ALL:
+            if ds.get(keyword) != first.get(keyword):
+                raise ReportError(
+                    f"source images {first.SOPInstanceUID} and {ds.SOPInstanceUID} differ in "
+                    f"{keyword} ({first.get(keyword)} and {ds.get(keyword)}); the results of one "
+                    "analysis must derive from one series")
+    cleaned: list[Dataset] = []
+    dropped: list[str] = []
+    for ds in headers:
+        out = _clean_dataset(ds, "", dropped, root=True)
+        if hasattr(ds, "file_meta"):
+            out.file_meta = ds.file_meta
+        for keyword in _TYPE2_IDENTIFIERS:
+            if keyword not in out:
+                setattr(out, keyword, "")
+        cleaned.append(out)
+    if dropped:
+        distinct = sorted(set(dropped))
+        logger.info("series %s: %d non-conformant sequence items left out of the derived "
+                    "objects' copies, e.g. %s", first.SeriesInstanceUID, len(dropped),
+                    "; ".join(distinct[:3]))
+    return cleaned
