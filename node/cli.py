@@ -81,12 +81,20 @@ def _sessions():  # type: ignore[no-untyped-def]
 
 
 def _load_predictor(s: Settings):  # type: ignore[no-untyped-def]
-    """The severity network's predictor when a model is configured (issue: CNN)."""
-    try:
-        from model.inference import load_default_predictor  # type: ignore[attr-defined]
-    except ImportError:
+    """The severity network's predictor, loaded once (``None`` when ``[model] enabled = false``)."""
+    if not s.model.enabled:
         return None
-    return load_default_predictor(s)  # pragma: no cover - wired when the model exists
+    from model.errors import ModelError
+    from model.inference import InferenceEngine
+
+    try:
+        engine = InferenceEngine.from_registry(s.model.name, s.model.registry, device=s.model.device,
+                                               tta=s.model.tta)
+    except ModelError as exc:
+        err_console.print(f"[red]severity model: {exc}[/red]\n"
+                          "Fix [model] in the configuration, or set enabled = false to run without it.")
+        raise typer.Exit(2) from exc
+    return engine.predict
 
 
 @app.command()

@@ -23,6 +23,7 @@ __all__ = [
     "DatabaseSettings",
     "DeliverySettings",
     "DicomSettings",
+    "ModelSettings",
     "Peer",
     "SelectionSettings",
     "Settings",
@@ -117,6 +118,20 @@ class AnalysisSettings(_Section):
     """Write the de-identified archive copy before analysis."""
 
 
+class ModelSettings(_Section):
+    """The severity CNN (:mod:`model.inference`)."""
+
+    enabled: bool = True
+    name: str | None = None
+    """Model name in the registry; ``None``: the default model shipped in ``model/weights``."""
+    registry: Path | None = None
+    """Folder of weights files and model cards; ``None``: ``model/weights`` of the package."""
+    device: str = "auto"
+    """``auto`` (CUDA when available), ``cpu`` or ``cuda:N``."""
+    tta: bool = True
+    """Average each prediction with that of the left-right mirrored input."""
+
+
 class Peer(_Section):
     """A DICOM application entity the node talks to."""
 
@@ -158,6 +173,7 @@ class Settings(BaseSettings):
     worker: WorkerSettings = Field(default_factory=lambda: WorkerSettings())
     selection: SelectionSettings = Field(default_factory=lambda: SelectionSettings())
     analysis: AnalysisSettings = Field(default_factory=lambda: AnalysisSettings())
+    model: ModelSettings = Field(default_factory=lambda: ModelSettings())
     peers: list[Peer] = Field(default_factory=list)
     delivery: DeliverySettings = Field(default_factory=lambda: DeliverySettings())
     web: WebSettings = Field(default_factory=lambda: WebSettings())
@@ -242,6 +258,8 @@ def load_settings(path: Path | None = None) -> Settings:
     base = path.parent
     settings.storage.root = _resolve(base, settings.storage.root)
     settings.database.url = _resolve_sqlite(base, settings.database.url)
+    if settings.model.registry is not None:
+        settings.model.registry = _resolve(base, settings.model.registry)
     settings.config_path = path
     names = {p.name for p in settings.peers}
     missing = [d for d in settings.delivery.destinations if d not in names]
