@@ -1,256 +1,357 @@
-"""Real DICOM peers for tests and benchmarks: Orthanc, DCMTK storescu/echoscu/storescp."""
+"""Real DICOM peers for tests and benchmarks: Orthanc, and the DCMTK tools of :mod:`tests.dcmtk`.
+
+Every peer is a real process on 127.0.0.1 with free ports and its own folders, so
+two test runs side by side do not collide.  Orthanc and the DCMTK tools are
+started with ``TCP_NODELAY=1`` by default: without it each instance waits about
+40 ms for a delayed TCP acknowledgement (see the project's DICOM notes).
+
+Import it as ``tests.peers`` (benchmarks put the repository root on ``sys.path``).
+"""
 
 from __future__ import annotations
 
+import io
 import json
-import os
-import signal
-import socket
+import logging
 import subprocess
-import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterable, Sequence
+import uuid
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import IO, Any
 
 import pydicom
 
-__all__ = ["Orthanc", "StoreSCP", "echoscu", "free_port", "storescu"]
+from tests.dcmtk import (
+    PROPOSE_OPTIONS,
+    PeerError,
+    StoreSCP,
+    dicom_files,
+    echoscu,
+    env_for,
+    free_port,
+    stop_process,
+    storescu,
+    wait_for,
+)
+
+__all__ = [
+    "ORTHANC_BIN",
+    "PROPOSE_OPTIONS",
+    "Orthanc",
+    "OrthancError",
+    "PeerError",
+    "StoreSCP",
+    "dicom_files",
+    "echoscu",
+    "free_port",
+    "read_orthanc_json",
+    "storescu",
+    "wait_for",
+]
+
+logger = logging.getLogger(__name__)
 
 ORTHANC_BIN = "/usr/sbin/Orthanc"
 
 
-def free_port() -> int:
-    """A TCP port that nothing listens on right now (127.0.0.1)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+class OrthancError(PeerError):
+    """An Orthanc REST call was answered with an HTTP error status."""
+
+    def __init__(self, method: str, path: str, status: int, body: str) -> None:
+        super().__init__(f"Orthanc answered {method} {path} with HTTP {status}: {body[:2000]}")
+        self.method, self.path, self.status, self.body = method, path, status, body
 
 
-def _env(tcp_nodelay: bool) -> dict[str, str]:
-    env = dict(os.environ)
-    env.pop("TCP_NODELAY", None)
-    if tcp_nodelay:
-        env["TCP_NODELAY"] = "1"
-    return env
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float, interval: float = 0.1,
-             what: str = "condition") -> Any:
-    end = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > end:
-            raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(interval)
+def read_orthanc_json(path: Path) -> dict[str, Any]:
+    """Read an Orthanc configuration file: JSON with ``//`` and ``/* */`` comments."""
+    text = Path(path).read_text()
+    out: list[str] = []
+    i, n, in_string = 0, len(text), False
+    while i < n:
+        c = text[i]
+        if in_string:
+            out.append(c)
+            if c == "\\" and i + 1 < n:
+                out.append(text[i + 1])
+                i += 1
+            elif c == '"':
+                in_string = False
+        elif c == '"':
+            in_string = True
+            out.append(c)
+        elif text.startswith("//", i):
+            end = text.find("\n", i)
+            i = n if end < 0 else end
+            continue
+        elif text.startswith("/*", i):
+            end = text.find("*/", i + 2)
+            if end < 0:
+                raise ValueError(f"{path}: comment opened at character {i} is never closed")
+            i = end + 2
+            continue
+        else:
+            out.append(c)
+        i += 1
+    config = json.loads("".join(out))
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: an Orthanc configuration is a JSON object")
+    return config
 
 
 class Orthanc:
-    """An Orthanc server with its own configuration and storage in ``workdir``."""
+    """An Orthanc server with its own configuration and storage in ``workdir``.
+
+    Use as a context manager: entering writes ``workdir/orthanc.json``, starts
+    Orthanc and waits until its REST API answers; leaving stops it.
+
+    Parameters
+    ----------
+    workdir
+        Folder for the configuration, the storage, the index and ``orthanc.log``.
+    aet
+        Orthanc's AE title.
+    modalities
+        ``DicomModalities``: name -> (AE title, host, port).
+    stable_age
+        ``StableAge`` in seconds (when ``OnStableStudy`` runs); default 60.
+    lua_scripts
+        ``LuaScripts``.
+    concurrent_jobs, http_timeout, check_called_aet
+        ``ConcurrentJobs``, ``HttpTimeout``, ``DicomCheckCalledAet``.
+    base_config
+        A configuration to start from (e.g. :func:`read_orthanc_json` of the
+        deployed file); the harness still sets its own ports, AE title, folders,
+        local-only REST access without authentication and no plugins.
+    tcp_nodelay
+        Start Orthanc with ``TCP_NODELAY=1``.
+    extra
+        Keys applied last, over everything else.
+    """
 
     def __init__(self, workdir: Path, *, aet: str = "ORTHANC",
-                 modalities: dict[str, tuple[str, str, int]] | None = None,
-                 stable_age: int = 60, lua_scripts: Sequence[Path] = (),
-                 tcp_nodelay: bool = True, extra: dict[str, Any] | None = None) -> None:
+                 modalities: Mapping[str, tuple[str, str, int]] | None = None,
+                 stable_age: int | None = None, lua_scripts: Sequence[Path] | None = None,
+                 concurrent_jobs: int | None = None, http_timeout: int | None = None,
+                 check_called_aet: bool | None = None, base_config: Mapping[str, Any] | None = None,
+                 tcp_nodelay: bool = True, extra: Mapping[str, Any] | None = None) -> None:
         self.workdir = Path(workdir)
         self.aet = aet
         self.dicom_port = free_port()
         self.http_port = free_port()
         self.log_path = self.workdir / "orthanc.log"
+        self.config_path = self.workdir / "orthanc.json"
         self.tcp_nodelay = tcp_nodelay
-        self.config = {
-            "Name": "lungnode-test", "StorageDirectory": str(self.workdir / "db"),
-            "IndexDirectory": str(self.workdir / "db"), "DicomAet": aet,
-            "DicomPort": self.dicom_port, "HttpPort": self.http_port,
-            "RemoteAccessAllowed": False, "AuthenticationEnabled": False,
-            "DicomCheckCalledAet": False, "DicomAlwaysAllowStore": True,
-            "DicomAlwaysAllowEcho": True, "StableAge": stable_age, "Plugins": [],
-            "DicomModalities": {k: list(v) for k, v in (modalities or {}).items()},
-            "LuaScripts": [str(p) for p in lua_scripts], "ConcurrentJobs": 2,
-            "HttpTimeout": 60, "DicomScuTimeout": 30, "StorageCompression": False,
-        } | (extra or {})
+        defaults: dict[str, Any] = {
+            "StableAge": 60, "DicomCheckCalledAet": False, "DicomAlwaysAllowStore": True,
+            "DicomAlwaysAllowEcho": True, "ConcurrentJobs": 2, "HttpTimeout": 60,
+            "DicomScuTimeout": 30, "StorageCompression": False, "SaveJobs": False,
+            "DicomModalities": {}, "LuaScripts": [],
+        }
+        owned: dict[str, Any] = {
+            "Name": f"lungnode-test-{uuid.uuid4().hex[:12]}",
+            "StorageDirectory": str(self.workdir / "storage"),
+            "IndexDirectory": str(self.workdir / "index"),
+            "DicomAet": aet, "DicomPort": self.dicom_port, "HttpPort": self.http_port,
+            "RemoteAccessAllowed": False, "AuthenticationEnabled": False, "Plugins": [],
+        }
+        given = {"StableAge": stable_age, "ConcurrentJobs": concurrent_jobs,
+                 "HttpTimeout": http_timeout, "DicomCheckCalledAet": check_called_aet,
+                 "DicomModalities": None if modalities is None
+                 else {k: list(v) for k, v in modalities.items()},
+                 "LuaScripts": None if lua_scripts is None else [str(p) for p in lua_scripts]}
+        self.config: dict[str, Any] = (defaults | dict(base_config or {}) | owned
+                                       | {k: v for k, v in given.items() if v is not None}
+                                       | dict(extra or {}))
+        self.aet = str(self.config["DicomAet"])
+        self.dicom_port, self.http_port = int(self.config["DicomPort"]), int(self.config["HttpPort"])
+        self._ports_fixed = bool({"DicomPort", "HttpPort"} & set(extra or {}))
         self._proc: subprocess.Popen[bytes] | None = None
+        self._log: IO[bytes] | None = None
+
+    @property
+    def pid(self) -> int | None:
+        """Process id of the running Orthanc, None when it is not running."""
+        return self._proc.pid if self._proc is not None and self._proc.poll() is None else None
 
     def __enter__(self) -> Orthanc:
         self.workdir.mkdir(parents=True, exist_ok=True)
-        cfg = self.workdir / "orthanc.json"
-        cfg.write_text(json.dumps(self.config, indent=2))
-        self._proc = subprocess.Popen([ORTHANC_BIN, str(cfg)], env=_env(self.tcp_nodelay),
-                                      stdout=self.log_path.open("wb"), stderr=subprocess.STDOUT)
+        for attempt in range(1, 4):
+            try:
+                self._start()
+                return self
+            except PeerError as exc:  # a port taken since free_port(): take others
+                if attempt == 3 or self._ports_fixed or "already in use" not in str(exc):
+                    raise
+                logger.info("Orthanc could not bind its ports; trying other ports (%s)", exc)
+                self.dicom_port, self.http_port = free_port(), free_port()
+                self.config |= {"DicomPort": self.dicom_port, "HttpPort": self.http_port}
+        raise AssertionError("not reached")
+
+    def _start(self) -> None:
+        self.config_path.write_text(json.dumps(self.config, indent=2))
+        self._log = self.log_path.open("wb")
+        logger.debug("starting Orthanc %s: DICOM port %d, HTTP port %d", self.aet, self.dicom_port,
+                     self.http_port)
+        self._proc = subprocess.Popen([ORTHANC_BIN, str(self.config_path)], env=env_for(self.tcp_nodelay),
+                                      stdout=self._log, stderr=subprocess.STDOUT,
+                                      stdin=subprocess.DEVNULL)
         try:
-            wait_for(self._ready, 30, 0.1, "Orthanc to answer on its REST port")
+            wait_for(self._ready, 30, 0.05, "Orthanc to answer on its REST port")
         except TimeoutError as exc:
-            self.__exit__(None, None, None)
-            raise RuntimeError(f"Orthanc did not start: {self.log_tail()}") from exc
-        return self
+            self._shutdown()
+            raise PeerError(f"Orthanc did not answer on port {self.http_port} within 30 s; "
+                            f"its log ends with:\n{self.log_tail()}") from exc
+        except BaseException:
+            self._shutdown()
+            raise
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self._shutdown()
+
+    def _shutdown(self) -> None:
+        if self._proc is not None:
+            stop_process(self._proc, 15)
+        self._proc = None
+        if self._log is not None:
+            self._log.close()
+        self._log = None
 
     def _ready(self) -> bool:
         assert self._proc is not None
         if self._proc.poll() is not None:
-            raise RuntimeError(f"Orthanc exited with {self._proc.returncode}: {self.log_tail()}")
-        try:
-            self.get("/system")
-            return True
-        except (urllib.error.URLError, ConnectionError):
+            raise PeerError(f"Orthanc exited with status {self._proc.returncode} while starting; "
+                            f"its log ends with:\n{self.log_tail()}")
+        try:  # this Orthanc, not another program on the port
+            return bool(self.request("GET", "/system", timeout=2).get("Name") == self.config["Name"])
+        except (urllib.error.URLError, OSError, OrthancError, ValueError, AttributeError):
             return False
 
-    def log_tail(self, n: int = 3000) -> str:
-        return self.log_path.read_text(errors="replace")[-n:] if self.log_path.exists() else ""
+    def log_text(self) -> str:
+        """Everything Orthanc has logged so far (Lua ``print`` lines included)."""
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        if self._proc is not None and self._proc.poll() is None:
-            self._proc.send_signal(signal.SIGTERM)
-            try:
-                self._proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait(5)
-        self._proc = None
+    def log_tail(self, n: int = 3000) -> str:
+        """The last ``n`` characters of the log."""
+        return self.log_text()[-n:]
 
     # -- REST ---------------------------------------------------------------
-    def _request(self, method: str, path: str, body: Any = None, raw: bool = False) -> Any:
-        data = None
-        if body is not None:
-            data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    def request(self, method: str, path: str, body: Any = None, *, raw: bool = False,
+                timeout: float = 120) -> Any:
+        """One REST call; ``body`` is JSON-encoded unless it is bytes or str.
+
+        Returns the decoded JSON answer (None when empty), or bytes with ``raw``.
+
+        Raises
+        ------
+        OrthancError
+            On an HTTP error status, with Orthanc's answer.
+        """
+        data: bytes | None = None
+        if isinstance(body, bytes):
+            data = body
+        elif isinstance(body, str):
+            data = body.encode()
+        elif body is not None:
+            data = json.dumps(body).encode()
         req = urllib.request.Request(f"http://127.0.0.1:{self.http_port}{path}", data=data,
                                      method=method)
-        with urllib.request.urlopen(req, timeout=120) as resp:
-            payload = resp.read()
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as resp:
+                payload: bytes = resp.read()
+        except urllib.error.HTTPError as exc:
+            detail = exc.read().decode(errors="replace")
+            raise OrthancError(method, path, exc.code, detail) from exc
         if raw:
             return payload
         return json.loads(payload) if payload else None
 
     def get(self, path: str) -> Any:
-        return self._request("GET", path)
+        """GET ``path`` and decode the JSON answer."""
+        return self.request("GET", path)
 
     def post(self, path: str, body: Any = None) -> Any:
-        return self._request("POST", path, body if body is not None else {})
+        """POST ``body`` (JSON; bytes or str sent as they are) to ``path``."""
+        return self.request("POST", path, {} if body is None else body)
 
     def put(self, path: str, body: Any) -> Any:
-        return self._request("PUT", path, body)
+        """PUT ``body`` to ``path``."""
+        return self.request("PUT", path, body)
 
     def delete(self, path: str) -> Any:
-        return self._request("DELETE", path)
+        """DELETE ``path``."""
+        return self.request("DELETE", path)
 
     def add_modality(self, name: str, aet: str, host: str, port: int) -> None:
+        """Add or replace the DICOM modality ``name``."""
         self.put(f"/modalities/{name}", {"AET": aet, "Host": host, "Port": port})
 
     def echo(self, modality: str) -> bool:
+        """C-ECHO the modality; False when it does not answer or refuses."""
         try:
             self.post(f"/modalities/{modality}/echo", {})
             return True
-        except urllib.error.HTTPError:
+        except OrthancError:
             return False
 
     def store_to_modality(self, modality: str, resources: list[str], synchronous: bool = True) -> Any:
+        """C-STORE studies/series/instances (Orthanc ids) to a modality.
+
+        Synchronous calls return once every instance was acknowledged and raise
+        :class:`OrthancError` when the store failed; asynchronous ones return the job.
+        """
         return self.post(f"/modalities/{modality}/store",
                          {"Resources": resources, "Synchronous": synchronous})
 
     def upload(self, path: Path) -> Any:
+        """Store one DICOM file through the REST API."""
         return self.post("/instances", Path(path).read_bytes())
 
     def studies(self) -> list[str]:
-        return list(self.get("/studies"))
+        """Orthanc ids of all studies."""
+        return [str(s) for s in self.get("/studies")]
+
+    def count_instances(self) -> int:
+        """How many instances Orthanc holds."""
+        return int(self.get("/statistics")["CountInstances"])
 
     def find(self, uid: str, level: str = "Study") -> str | None:
-        """Orthanc's id of the study/series/instance with this DICOM UID."""
-        for hit in self.post("/tools/lookup", uid.encode()) or []:
+        """Orthanc's id of the study/series/instance with this DICOM UID, None if absent."""
+        for hit in self.post("/tools/lookup", uid) or []:
             if hit.get("Type") == level:
                 return str(hit["ID"])
         return None
 
     def find_study(self, study_instance_uid: str) -> str | None:
+        """Orthanc's id of the study with this Study Instance UID, None if absent."""
         return self.find(study_instance_uid, "Study")
 
     def study_instances(self, orthanc_study_id: str) -> list[dict[str, Any]]:
+        """Instances of a study: ``ID`` (Orthanc's) and SOPClassUID, SOPInstanceUID,
+        SeriesInstanceUID, Modality."""
         out = []
-        for inst in self.get(f"/studies/{orthanc_study_id}/instances"):
-            tags = self.get(f"/instances/{inst['ID']}/simplified-tags")
-            out.append({"ID": inst["ID"], "SOPClassUID": tags.get("SOPClassUID"),
-                        "SOPInstanceUID": tags.get("SOPInstanceUID"),
-                        "SeriesInstanceUID": tags.get("SeriesInstanceUID"),
-                        "Modality": tags.get("Modality")})
+        for series in self.get(f"/studies/{orthanc_study_id}/series"):
+            tags = series["MainDicomTags"]
+            for inst in self.get(f"/series/{series['ID']}/instances"):
+                out.append({
+                    "ID": inst["ID"],
+                    "SOPClassUID": self.request("GET", f"/instances/{inst['ID']}/metadata/SopClassUid",
+                                                raw=True).decode(),
+                    "SOPInstanceUID": inst["MainDicomTags"].get("SOPInstanceUID"),
+                    "SeriesInstanceUID": tags.get("SeriesInstanceUID"),
+                    "Modality": tags.get("Modality"),
+                })
         return out
 
     def instance_file(self, orthanc_instance_id: str) -> bytes:
-        return bytes(self._request("GET", f"/instances/{orthanc_instance_id}/file", raw=True))
+        """The DICOM file as Orthanc stored it."""
+        return bytes(self.request("GET", f"/instances/{orthanc_instance_id}/file", raw=True))
 
     def instance_dataset(self, orthanc_instance_id: str) -> pydicom.Dataset:
-        import io
-
+        """The stored instance read with pydicom."""
         return pydicom.dcmread(io.BytesIO(self.instance_file(orthanc_instance_id)))
 
     wait_for = staticmethod(wait_for)
-
-
-def storescu(paths: Iterable[Path], host: str, port: int, called_aet: str,
-             calling_aet: str = "STORESCU", *, tcp_nodelay: bool = True,
-             extra_args: Sequence[str] = (), check: bool = True,
-             timeout: float = 600) -> subprocess.CompletedProcess[str]:
-    """DCMTK ``storescu`` of files and folders (folders recursively)."""
-    cmd = ["storescu", "-aec", called_aet, "-aet", calling_aet, "+sd", "+r", *extra_args,
-           host, str(port), *[str(p) for p in paths]]
-    res = subprocess.run(cmd, env=_env(tcp_nodelay), capture_output=True, text=True, timeout=timeout)
-    if check and res.returncode != 0:
-        raise RuntimeError(f"storescu failed ({res.returncode}): {res.stderr[-3000:]}")
-    return res
-
-
-def echoscu(host: str, port: int, called_aet: str, calling_aet: str = "ECHOSCU",
-            *, check: bool = False, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    res = subprocess.run(["echoscu", "-aec", called_aet, "-aet", calling_aet, host, str(port)],
-                         env=_env(True), capture_output=True, text=True, timeout=timeout)
-    if check and res.returncode != 0:
-        raise RuntimeError(f"echoscu failed ({res.returncode}): {res.stderr[-2000:]}")
-    return res
-
-
-class StoreSCP:
-    """DCMTK ``storescp`` writing what it receives into ``folder``.
-
-    With ``refuse`` it listens but rejects every association (a destination
-    that is up and refuses).
-    """
-
-    def __init__(self, folder: Path, *, port: int | None = None, aet: str = "STORESCP",
-                 refuse: bool = False) -> None:
-        self.folder = Path(folder)
-        self.port = port or free_port()
-        self.aet = aet
-        self.refuse = refuse
-        self._proc: subprocess.Popen[bytes] | None = None
-
-    def __enter__(self) -> StoreSCP:
-        self.folder.mkdir(parents=True, exist_ok=True)
-        cmd = ["storescp", "-aet", self.aet, "-od", str(self.folder), "+xa", "-uf"]
-        if self.refuse:
-            cmd.append("--refuse")
-        cmd.append(str(self.port))
-        self._proc = subprocess.Popen(cmd, env=_env(True), stdout=subprocess.DEVNULL,
-                                      stderr=subprocess.DEVNULL)
-
-        def up() -> bool:
-            assert self._proc is not None
-            if self._proc.poll() is not None:
-                raise RuntimeError("storescp exited")
-            res = echoscu("127.0.0.1", self.port, self.aet)
-            if self.refuse:  # up once it answers, with a rejection
-                return res.returncode != 0 and "Rejected" in res.stderr + res.stdout
-            return res.returncode == 0
-
-        wait_for(up, 20, 0.1, "storescp to listen")
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._proc is not None and self._proc.poll() is None:
-            self._proc.terminate()
-            try:
-                self._proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-        self._proc = None
