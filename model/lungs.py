@@ -1,39 +1,57 @@
 """Classical lung segmentation (no network weights).
 
-Method, on a reduced grid of about 2.5 mm voxels (block means, which also
-smooth sharp-kernel noise so both kernels give the same mask):
+The connectivity work runs on a reduced grid of about ``grid_mm`` in-plane
+(block means, then a light Gaussian, so sharp and smooth kernels give the same
+mask); slices are not merged.  Steps:
 
-1. air-like voxels: below ``air_hu`` (-400 HU);
-2. remove air connected to the in-plane border of the image (outside the body,
-   under the table) and keep air inside the body;
-3. remove the large airways: the trachea is found in the most superior slices
-   as a small round air region near the middle, and grown at a strict
-   threshold (``airway_hu``, -950 HU) through the trachea and main bronchi
-   with a volume guard against leaking into the parenchyma;
-4. keep the two lungs: the largest air components; when both lungs form one
-   component (touching at the anterior junction), erode until they separate
-   and give each voxel back to the nearest seed;
-5. fill holes slice by slice and close along the pleura (a 2D closing of
-   ``pleura_close_mm``) so vessels, tumours and consolidation at the lung
-   border stay inside the lung;
-6. upsample to the volume's grid; left and right from patient x (LPS, via the
-   volume's direction cosines).
+1. body: per slice, the largest soft-tissue region after an opening that
+   detaches the table and arms, holes filled; air (below ``air_hu``) counts
+   only inside it, so outside air, the air under and inside the table never
+   enters;
+2. large airways: the trachea is found in the most superior slices as a round
+   air region near the body's middle and tracked slice by slice through the
+   main bronchi at a strict threshold (``airway_hu``); a branch stops where
+   its air region grows beyond an airway's size (the leak guard, where it
+   would run into the lung);
+3. gas outside the lungs that partial volume joins to them (a gastric bubble
+   under the left dome) is removed: dark regions walled by tissue, not lung;
+4. lungs: the largest remaining air components (bowel gas lies lower and is
+   smaller); one component straddling the midline is split by erosion and
+   nearest-seed growth (lungs touching at the anterior junction);
+5. holes per slice are filled (vessels, nodules, a tumour inside the lung);
+6. the pleura: dense lung against the chest wall (peripheral consolidation)
+   is added by :func:`model.pleura.fill_along_pleura` (the convex envelope of
+   the air outline seen from the mediastinum, out to the ribs), then a closing
+   of ``pleura_close_mm`` smooths the outline and holes are filled again;
+7. the reduced-grid masks are refined at full resolution within one reduced
+   voxel of their outline (air on the lightly smoothed image is lung there,
+   as is dense tissue the steps above took in), and left and right are named
+   from patient x (LPS, via the volume's direction cosines and origin).
+
+Known limits: consolidation against the mediastinum or filling the
+paravertebral gutter has no air beside it to bridge and is left out (the
+measured involvement then reads low); so is a basal crescent that is dense
+over its whole depth.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 from scipy import ndimage as ndi
 
 from model.errors import SegmentationError
+from model.pleura import fill_along_pleura
 from model.volume import CTVolume
 
-__all__ = ["LungMasks", "LungParams", "segment_lungs", "work_grid_factors"]
+__all__ = ["LungMasks", "LungParams", "block_mean", "segment_lungs", "upsample_mask", "work_grid_factors"]
 
 logger = logging.getLogger(__name__)
+
+_PLANE = np.ones((1, 3, 3), dtype=bool)
 
 
 @dataclass(frozen=True, eq=False)
@@ -54,18 +72,36 @@ class LungMasks:
 
 @dataclass(frozen=True)
 class LungParams:
-    """Tuning knobs of :func:`segment_lungs`."""
+    """Tuning knobs of :func:`segment_lungs` (HU, millimetres, millilitres)."""
 
-    grid_mm: float = 2.5
+    grid_mm: float = 2.0
     """In-plane voxel size of the reduced grid used for connectivity."""
+    smooth_px: float = 0.7
+    """In-plane Gaussian sigma on the reduced grid, in its voxels."""
     air_hu: float = -400.0
+    """Air-like voxels (lung, airways, gas) lie below this on the smoothed image."""
+    body_hu: float = -500.0
+    """Soft tissue of the body outline lies above this."""
+    table_gap_mm: float = 4.0
+    """Radius of the opening that detaches the table (and arms) from the body outline."""
+    bone_hu: float = 250.0
+    """Ribs lie above this (the pleural step)."""
     airway_hu: float = -950.0
-    max_airway_ml: float = 250.0
-    """Region growing of the airways stops (and is discarded) beyond this volume."""
+    """Strict threshold of airway lumen and of gas pockets."""
+    min_gas_ml: float = 5.0
+    """Gas pockets walled by tissue from this size on are removed (stomach, bowel)."""
+    max_airway_cm2: float = 8.0
+    """A tracked airway region larger than this on a slice has joined the lung: the branch stops."""
     min_lung_ml: float = 150.0
     """A component smaller than this is not a lung."""
-    pleura_close_mm: float = 10.0
-    max_split_erosions: int = 8
+    wall_touch_mm: float = 8.0
+    """Air this close to a rib reaches the chest wall."""
+    max_gap_deg: float = 100.0
+    """Widest angular gap between wall contacts that is filled along the pleura."""
+    pleura_close_mm: float = 4.0
+    """Radius of the in-plane closing that smooths the outline after the pleural step."""
+    max_split_erosions: int = 10
+    """In-plane erosions tried to separate two lungs that touch."""
 
 
 def work_grid_factors(spacing: tuple[float, float, float], grid_mm: float) -> int:
@@ -79,117 +115,289 @@ def block_mean(hu: np.ndarray, f: int) -> np.ndarray:
         return hu.astype(np.float32)
     z, y, x = hu.shape
     y2, x2 = (y // f) * f, (x // f) * f
-    out = np.empty((z, y2 // f, x2 // f), dtype=np.float32)
-    for k in range(z):  # slice by slice keeps the float copy small
-        out[k] = hu[k, :y2, :x2].reshape(y2 // f, f, x2 // f, f).mean(axis=(1, 3), dtype=np.float32)
+    out = np.zeros((z, y2 // f, x2 // f), dtype=np.float32)
+    for i in range(f):  # f * f strided adds: no full-size float copy of the volume
+        for j in range(f):
+            out += hu[:, i:y2:f, j:x2:f]
+    out *= 1.0 / (f * f)
     return out
 
 
-def upsample_mask(mask: np.ndarray, f: int, shape: tuple[int, int, int]) -> np.ndarray:
-    """Nearest-neighbour upsampling of a block-reduced mask back to ``shape``."""
+def upsample_mask(mask: np.ndarray, f: int, shape: tuple[int, ...]) -> np.ndarray:
+    """Nearest-neighbour upsampling of a block-reduced mask back to ``shape`` (2D or 3D)."""
     if f == 1:
         return mask.copy()
     up = np.zeros(shape, dtype=bool)
-    rep = mask.repeat(f, axis=1).repeat(f, axis=2)
-    up[:, : rep.shape[1], : rep.shape[2]] = rep
+    rep = mask.repeat(f, axis=-2).repeat(f, axis=-1)
+    up[..., : rep.shape[-2], : rep.shape[-1]] = rep
     return up
 
 
 def _disk(radius: int) -> np.ndarray:
     r = max(radius, 1)
     yy, xx = np.mgrid[-r:r + 1, -r:r + 1]
-    return (yy * yy + xx * xx) <= r * r
+    return (yy * yy + xx * xx) <= r * r + r // 2
 
 
-def _outside_air(air: np.ndarray) -> np.ndarray:
-    """Air connected to the in-plane border of each slice (outside the body)."""
-    outside = np.zeros_like(air)
-    for k in range(air.shape[0]):
-        lab, n = ndi.label(air[k])
-        if n == 0:
+def _in_plane(structure2d: np.ndarray) -> np.ndarray:
+    """A 3x3x3 structure that connects within slices only."""
+    out = np.zeros((3, 3, 3), dtype=bool)
+    out[1] = structure2d
+    return out
+
+
+_CROSS_2D = _in_plane(ndi.generate_binary_structure(2, 1))
+_SQUARE_2D = _in_plane(np.ones((3, 3), dtype=bool))
+
+
+def _largest_per_slice(mask: np.ndarray) -> np.ndarray:
+    """The largest connected region of each slice."""
+    lab, n = ndi.label(mask, structure=_SQUARE_2D)
+    if n == 0:
+        return mask
+    sizes = np.bincount(lab.ravel(), minlength=n + 1)
+    sizes[0] = 0
+    last = np.maximum.accumulate(lab.reshape(lab.shape[0], -1).max(axis=1))  # labels run slice by slice
+    keep = np.zeros(n + 1, dtype=bool)
+    first = 1
+    for top in last:
+        if top >= first:
+            keep[first + int(np.argmax(sizes[first:top + 1]))] = True
+            first = top + 1
+    return keep[lab]
+
+
+def _fill_holes(mask: np.ndarray) -> np.ndarray:
+    """Fill the holes of each slice (background not connected to the slice's border)."""
+    if not mask.any():
+        return mask.copy()
+    lab, n = ndi.label(~mask, structure=_CROSS_2D)
+    outer = np.zeros(n + 1, dtype=bool)
+    for edge in (lab[:, 0, :], lab[:, -1, :], lab[:, :, 0], lab[:, :, -1]):
+        outer[edge] = True
+    outer[0] = True
+    return mask | ~outer[lab]
+
+
+def _padded(op: Callable[..., np.ndarray], mask: np.ndarray, radius_px: int) -> np.ndarray:
+    """A morphological ``op`` with an in-plane disk, on a copy padded so the border does not act."""
+    pad = radius_px + 1
+    padded = np.pad(mask, ((0, 0), (pad, pad), (pad, pad)))
+    return op(padded, structure=_disk(radius_px)[None])[:, pad:-pad, pad:-pad]
+
+
+def _body(small: np.ndarray, body_hu: float, open_px: int) -> np.ndarray:
+    """Per slice: the largest soft-tissue region (the table detached), holes filled."""
+    dense = small > body_hu
+    core = _largest_per_slice(_padded(ndi.binary_opening, dense, open_px))
+    return _fill_holes(core | _padded(ndi.binary_dilation, core, open_px) & dense)
+
+
+def _airways(small: np.ndarray, inside: np.ndarray, body: np.ndarray, top_first: bool,
+             px_cm2: float, params: LungParams) -> np.ndarray:
+    """Trachea and main bronchi: seeded in the superior slices, tracked downwards."""
+    strict = inside & (small < params.airway_hu)
+    order = list(range(small.shape[0]))
+    if not top_first:
+        order.reverse()  # superior slice first
+    max_px = params.max_airway_cm2 / px_cm2
+    seed_slice, seed = -1, None
+    for k in order[: max(3, len(order) // 8)]:
+        if not body[k].any():
             continue
-        border = np.unique(np.concatenate([lab[0], lab[-1], lab[:, 0], lab[:, -1]]))
-        border = border[border > 0]
-        outside[k] = np.isin(lab, border)
-    return outside
-
-
-def _airways(small: np.ndarray, inside_air: np.ndarray, voxel_ml: float,
-             params: LungParams) -> np.ndarray:
-    """The trachea and main bronchi, grown from a seed in the superior slices."""
-    strict = inside_air & (small < params.airway_hu)
-    z_top = small.shape[0] - 1
-    cy, cx = small.shape[1] / 2.0, small.shape[2] / 2.0
-    for k in range(z_top, max(z_top - 8, -1), -1):
-        lab, n = ndi.label(strict[k])
-        best = None
+        cols = np.nonzero(body[k].any(axis=0))[0]
+        cx, half = (cols[0] + cols[-1]) / 2.0, (cols[-1] - cols[0]) / 2.0
+        lab, n = ndi.label(inside[k] & (small[k] < params.airway_hu + 50.0))
+        best: tuple[float, int] | None = None
         for i, sl in enumerate(ndi.find_objects(lab), start=1):
             if sl is None:
                 continue
-            comp = lab[sl] == i
-            area_px = int(comp.sum())
-            yc = (sl[0].start + sl[0].stop) / 2.0
+            area = int((lab[sl] == i).sum())
+            h, w = sl[0].stop - sl[0].start, sl[1].stop - sl[1].start
             xc = (sl[1].start + sl[1].stop) / 2.0
-            # a trachea: small, round, within the middle third left-right
-            if not 3 <= area_px <= 400 or abs(xc - cx) > small.shape[2] / 6:
+            if not (0.5 / px_cm2 <= area <= max_px and max(h, w) <= 2.5 * min(h, w)
+                    and area >= 0.45 * h * w and abs(xc - cx) < 0.25 * half):
                 continue
-            h = sl[0].stop - sl[0].start
-            w = sl[1].stop - sl[1].start
-            if max(h, w) > 3 * min(h, w):
-                continue
-            score = abs(xc - cx) + 0.5 * abs(yc - cy)
-            if best is None or score < best[0]:
-                best = (score, i)
-        if best is None:
-            continue
-        seed = np.zeros_like(strict)
-        seed[k] = lab == best[1]
-        lab3, _ = ndi.label(strict)
-        ids = np.unique(lab3[seed])
-        ids = ids[ids > 0]
-        grown = np.isin(lab3, ids)
-        if grown.sum() * voxel_ml > params.max_airway_ml:
-            logger.info("airway growing leaked (%.0f ml); airways kept in the lung mask",
-                        grown.sum() * voxel_ml)
-            return np.zeros_like(strict)
-        return ndi.binary_dilation(grown, iterations=1) & inside_air
-    return np.zeros_like(strict)
+            if best is None or abs(xc - cx) < best[0]:
+                best = (abs(xc - cx), i)
+        if best is not None:
+            seed_slice, seed = k, lab == best[1]
+            break
+    airway = np.zeros_like(strict)
+    if seed is None:
+        logger.info("no trachea found in the superior slices; airways stay in the lung mask")
+        return airway
+    airway[seed_slice] = seed & strict[seed_slice] if (seed & strict[seed_slice]).any() else seed
+    prev = airway[seed_slice]
+    for k in order[order.index(seed_slice) + 1:]:
+        reach = ndi.binary_dilation(prev, structure=_disk(2))
+        lab, n = ndi.label(strict[k])
+        if n == 0:
+            break
+        ids = np.unique(lab[reach & (lab > 0)])
+        if ids.size == 0:
+            break
+        areas = np.bincount(lab.ravel(), minlength=n + 1)
+        keep = ids[areas[ids] <= max_px]
+        if keep.size == 0:
+            break
+        prev = np.isin(lab, keep)
+        airway[k] = prev
+    return ndi.binary_dilation(airway, structure=_PLANE) & inside
+
+
+def _gas_pockets(candidate: np.ndarray, small: np.ndarray, voxel_ml: float,
+                 params: LungParams) -> np.ndarray:
+    """Gas outside the lungs that partial volume joins to them (a gastric bubble under the dome).
+
+    Regions darker than ``airway_hu`` of at least ``min_gas_ml`` whose in-plane
+    surroundings (a ring beyond a two-voxel partial-volume rim) are mostly
+    tissue: gas in the stomach or bowel is walled by tissue, an emphysematous
+    bulla by lung.  Returned with the rim.
+    """
+    strict = candidate & (small < params.airway_hu)
+    lab, n = ndi.label(strict)
+    if n == 0:
+        return np.zeros_like(candidate)
+    sizes = np.bincount(lab.ravel(), minlength=n + 1)
+    big = np.nonzero(sizes * voxel_ml >= params.min_gas_ml)[0]
+    big = big[big > 0]
+    gas = np.zeros_like(candidate)
+    boxes = ndi.find_objects(lab)
+    for i in big:
+        sl = tuple(slice(max(0, a.start - 2), a.stop + 2) for a in boxes[i - 1])
+        comp = lab[sl] == i
+        rim = ndi.binary_dilation(comp, structure=_SQUARE_2D, iterations=2)
+        ring = ndi.binary_dilation(rim, structure=_SQUARE_2D) & ~rim
+        if np.count_nonzero(ring & (small[sl] > params.air_hu)) > 0.5 * np.count_nonzero(ring):
+            gas[sl] |= rim & candidate[sl]
+    return gas
 
 
 def _split(component: np.ndarray, params: LungParams, min_vox: int) -> list[np.ndarray]:
     """Split one air component into two lungs by erosion and nearest-seed growth."""
     eroded = component
     for _ in range(params.max_split_erosions):
-        eroded = ndi.binary_erosion(eroded, structure=np.ones((1, 3, 3), bool))
+        eroded = ndi.binary_erosion(eroded, structure=_PLANE)
         lab, n = ndi.label(eroded)
-        if n >= 2:
-            sizes = ndi.sum_labels(np.ones_like(lab), lab, range(1, n + 1))
-            order = np.argsort(sizes)[::-1]
-            if sizes[order[1]] >= max(min_vox // 8, 1):
-                seeds = np.zeros(lab.shape, dtype=np.int8)
-                seeds[lab == order[0] + 1] = 1
-                seeds[lab == order[1] + 1] = 2
-                _, idx = ndi.distance_transform_edt(seeds == 0, return_indices=True)
-                nearest = seeds[tuple(idx)]
-                return [component & (nearest == 1), component & (nearest == 2)]
+        if n < 2:
+            continue
+        sizes = np.bincount(lab.ravel())
+        sizes[0] = 0
+        a, b = np.argsort(sizes)[::-1][:2]
+        if sizes[b] < max(min_vox // 10, 1):
+            continue
+        seeds = np.zeros(lab.shape, dtype=np.int8)
+        seeds[lab == a] = 1
+        seeds[lab == b] = 2
+        box = ndi.find_objects(component.astype(np.int8))[0]
+        idx = ndi.distance_transform_edt(seeds[box] == 0, return_distances=False, return_indices=True)
+        nearest = np.zeros_like(seeds)
+        nearest[box] = seeds[box][tuple(idx)]
+        return [component & (nearest == 1), component & (nearest == 2)]
     return [component]
 
 
-def _close_and_fill(mask: np.ndarray, radius_px: int) -> np.ndarray:
-    out = np.zeros_like(mask)
-    disk = _disk(radius_px)
-    pad = radius_px + 1
-    for k in range(mask.shape[0]):
-        if not mask[k].any():
-            continue
-        sl = np.pad(mask[k], pad)
-        closed = ndi.binary_closing(sl, structure=disk)[pad:-pad, pad:-pad]
-        out[k] = ndi.binary_fill_holes(closed | mask[k])
-    return out
+def _pick_lungs(candidate: np.ndarray, body: np.ndarray, voxel_ml: float, uid: str,
+                params: LungParams) -> list[np.ndarray]:
+    """The one or two lung components (split when both lungs form one component)."""
+    lab, n = ndi.label(candidate)
+    if n == 0:
+        raise SegmentationError(
+            f"series {uid}: found no air inside the body; the series may not cover the chest or "
+            "may not be a lung CT")
+    sizes = np.bincount(lab.ravel())
+    sizes[0] = 0
+    order = np.argsort(sizes)[::-1]
+    min_vox = int(params.min_lung_ml / voxel_ml)
+    largest = int(sizes[order[0]])
+    if largest < min_vox:
+        raise SegmentationError(
+            f"series {uid}: found {largest * voxel_ml:.0f} ml of lung at most; the series may not "
+            "cover the chest or may not be a lung CT")
+    first = lab == order[0]
+    zs = np.nonzero(first.any(axis=(1, 2)))[0]
+    for i in order[1:4]:
+        if sizes[i] < max(min_vox, 0.15 * largest):
+            break
+        other = lab == i
+        ozs = np.nonzero(other.any(axis=(1, 2)))[0]
+        overlap = min(zs[-1], ozs[-1]) - max(zs[0], ozs[0]) + 1
+        if overlap >= 0.5 * (ozs[-1] - ozs[0] + 1):  # bowel gas sits below the lungs
+            return [first, other]
+    cols = np.nonzero(body.any(axis=(0, 1)))[0]
+    mid = (cols[0] + cols[-1]) / 2.0
+    col_counts = first.sum(axis=(0, 1))
+    share = col_counts[: int(mid)].sum() / max(int(col_counts.sum()), 1)
+    if 0.15 < share < 0.85:
+        parts = _split(first, params, min_vox)
+        if len(parts) == 1:
+            logger.warning("series %s: lungs could not be separated; split at the body midline", uid)
+            a = first.copy()
+            a[:, :, int(mid):] = False
+            parts = [a, first & ~a]
+        return parts
+    logger.warning("series %s: one lung found (%.0f ml)", uid, largest * voxel_ml)
+    return [first]
+
+
+def _box(parts: list[np.ndarray], margin: int) -> tuple[slice, slice, slice]:
+    """Bounding box of the lungs: their slices, and in-plane ``margin`` voxels around them."""
+    any_z = np.logical_or.reduce([p.any(axis=(1, 2)) for p in parts])
+    any_y = np.logical_or.reduce([p.any(axis=(0, 2)) for p in parts])
+    any_x = np.logical_or.reduce([p.any(axis=(0, 1)) for p in parts])
+    out = []
+    for axis, flags in enumerate((any_z, any_y, any_x)):
+        idx = np.nonzero(flags)[0]
+        pad = 0 if axis == 0 else margin
+        out.append(slice(max(0, int(idx[0]) - pad), min(flags.size, int(idx[-1]) + 1 + pad)))
+    return out[0], out[1], out[2]
+
+
+def _centroid(mask: np.ndarray) -> tuple[float, float, float]:
+    """Centroid ``(z, y, x)`` in voxel indices (every second voxel in-plane suffices)."""
+    z, y, x = np.nonzero(mask[:, ::2, ::2])
+    return float(z.mean()), 2.0 * float(y.mean()), 2.0 * float(x.mean())
+
+
+def _patient_x(volume: CTVolume, z: float, y: float, x: float, f: int) -> float:
+    """Patient x (LPS) of slice ``z``, row ``y`` and column ``x`` of a grid ``f`` times coarser in-plane."""
+    offset = (f - 1) / 2.0  # block centres
+    ijk = np.array([(x * f + offset) * volume.spacing[2], (y * f + offset) * volume.spacing[1],
+                    z * volume.spacing[0]])
+    return float(volume.origin[0] + (volume.direction @ ijk)[0])
+
+
+def _refine(volume: CTVolume, f: int, left_c: np.ndarray, right_c: np.ndarray, taken_c: np.ndarray,
+            airway_c: np.ndarray, air_hu: float) -> tuple[np.ndarray, np.ndarray]:
+    """Full-resolution masks: the reduced masks, with their outline redrawn on the image."""
+    shape = volume.shape
+    left = np.zeros(shape, dtype=bool)
+    right = np.zeros(shape, dtype=bool)
+    both_c = left_c | right_c
+    core = ndi.binary_erosion(both_c, structure=_PLANE)
+    band = ndi.binary_dilation(both_c, structure=_PLANE) & ~core & ~airway_c
+    near_left = ndi.binary_dilation(left_c, structure=_PLANE) & ~right_c
+    sigma = 0.5 * f
+    for k in np.nonzero(band.any(axis=(1, 2)))[0]:
+        rows = np.nonzero(band[k].any(axis=1))[0]
+        cols = np.nonzero(band[k].any(axis=0))[0]
+        r0, r1 = rows[0] * f, min(shape[1], (rows[-1] + 1) * f)
+        c0, c1 = cols[0] * f, min(shape[2], (cols[-1] + 1) * f)
+        sub = volume.hu[k, r0:r1, c0:c1].astype(np.float32)
+        air = ndi.gaussian_filter(sub, sigma, truncate=2.0) < air_hu
+        part = (slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1))
+        up = (r1 - r0, c1 - c0)
+        lung = (upsample_mask(core[k][part], f, up)
+                | upsample_mask(band[k][part], f, up) & (air | upsample_mask(taken_c[k][part], f, up)))
+        is_left = upsample_mask(near_left[k][part], f, up)
+        left[k, r0:r1, c0:c1] = lung & is_left
+        right[k, r0:r1, c0:c1] = lung & ~is_left
+    return left, right
 
 
 def segment_lungs(volume: CTVolume, *, params: LungParams = LungParams()) -> LungMasks:
-    """Segment the left and right lung of a chest CT.
+    """Segment the left and right lung of a chest CT (method: module docstring).
 
     Parameters
     ----------
@@ -198,61 +406,60 @@ def segment_lungs(volume: CTVolume, *, params: LungParams = LungParams()) -> Lun
     params:
         Thresholds and sizes; the defaults suit adult chest CT.
 
+    Returns
+    -------
+    LungMasks
+        Boolean masks on the volume's grid; airways above the hilum excluded.
+
     Raises
     ------
     SegmentationError
         No lung-sized air region inside the body.
     """
+    uid = volume.series_instance_uid
     f = work_grid_factors(volume.spacing, params.grid_mm)
-    small = block_mean(volume.hu, f)
-    voxel_ml = volume.spacing[0] * volume.spacing[1] * f * volume.spacing[2] * f / 1000.0
-    min_vox = int(params.min_lung_ml / voxel_ml)
+    sy, sx = volume.spacing[1] * f, volume.spacing[2] * f
+    small = ndi.gaussian_filter(block_mean(volume.hu, f), (0.0, params.smooth_px, params.smooth_px),
+                                truncate=2.5)
+    voxel_ml = volume.spacing[0] * sy * sx / 1000.0
+    body = _body(small, params.body_hu, max(1, int(round(params.table_gap_mm / sy))))
     air = small < params.air_hu
-    inside = air & ~_outside_air(air)
-    airways = _airways(small, inside, voxel_ml, params)
-    candidate = inside & ~airways
-    lab, n = ndi.label(candidate)
-    if n == 0:
-        raise SegmentationError(
-            f"series {volume.series_instance_uid}: no air inside the body; the series may not "
-            "be a chest CT")
-    sizes = ndi.sum_labels(np.ones_like(lab), lab, range(1, n + 1))
-    order = np.argsort(sizes)[::-1]
-    largest = sizes[order[0]]
-    if largest < min_vox:
-        raise SegmentationError(
-            f"series {volume.series_instance_uid}: found {largest * voxel_ml:.0f} ml of lung at "
-            f"most; the series may not cover the chest or may not be a lung CT")
-    parts = [lab == order[0] + 1]
-    if n > 1 and sizes[order[1]] >= max(min_vox, 0.15 * largest):
-        parts.append(lab == order[1] + 1)
+    inside = air & body
+    top_first = (volume.direction[2, 2] * volume.spacing[0]) < 0  # index 0 is superior
+    airway = _airways(small, inside, body, top_first, sy * sx / 100.0, params)
+    candidate = inside & ~airway
+    candidate &= ~_gas_pockets(candidate, small, voxel_ml, params)
+    parts = _pick_lungs(candidate, body, voxel_ml, uid, params)
+    box = _box(parts, margin=int(np.ceil(30.0 / min(sy, sx))))
+    crop = [p[box] for p in parts]
+    crop = fill_along_pleura([_fill_holes(p) for p in crop], small[box], body[box], (sy, sx),
+                             bone_hu=params.bone_hu, touch_mm=params.wall_touch_mm,
+                             max_gap_deg=params.max_gap_deg)
+    radius = max(1, int(round(params.pleura_close_mm / sy)))
+    crop = [_fill_holes(p | _padded(ndi.binary_closing, p, radius)) & ~airway[box] for p in crop]
+    if len(crop) == 2:  # a voxel both lungs grew into goes to the one whose air it was
+        overlap = crop[0] & crop[1]
+        to_second = overlap & parts[1][box]
+        crop[0] &= ~to_second
+        crop[1] &= ~(overlap & ~to_second)
+    for p, c in zip(parts, crop, strict=True):
+        p[box] = c
+    xs = [_patient_x(volume, *_centroid(p), f) for p in parts]
+    mid_x = _patient_x(volume, 0.0, 0.0, (box[2].start + box[2].stop) / 2.0, f)
+    if len(parts) == 2:
+        left_c, right_c = (parts[0], parts[1]) if xs[0] > xs[1] else (parts[1], parts[0])
     else:
-        parts = _split(parts[0], params, min_vox)
-    radius = max(1, int(round(params.pleura_close_mm / (volume.spacing[1] * f))))
-    parts = [_close_and_fill(p, radius) for p in parts]
-    # patient x of each part's centroid decides the side
-    xs = []
-    for p in parts:
-        zc, yc, xc = (float(c.mean()) for c in np.nonzero(p))
-        ijk = np.array([xc * f, yc * f, zc])  # column, row, slice index
-        xs.append(float(volume.origin[0] + (volume.direction @ (ijk * np.array(
-            [volume.spacing[2], volume.spacing[1], volume.spacing[0]])))[0]))
-    shape = volume.shape
-    if len(parts) == 1:
-        whole = upsample_mask(parts[0], f, shape)
-        logger.warning("series %s: lungs could not be separated; split at the body midline",
-                       volume.series_instance_uid)
-        cols = np.nonzero(parts[0].any(axis=(0, 1)))[0]
-        mid = int((cols.min() + cols.max() + 1) / 2 * f)
-        a = whole.copy()
-        a[:, :, mid:] = False
-        b = whole & ~a
-        col_sign = volume.direction[0, 0]
-        left, right = (b, a) if col_sign >= 0 else (a, b)
+        empty = np.zeros_like(parts[0])
+        left_c, right_c = (parts[0], empty) if xs[0] > mid_x else (empty, parts[0])
+    taken = (left_c | right_c) & ~air
+    if f == 1:
+        left, right = left_c, right_c
     else:
-        a, b = (upsample_mask(p, f, shape) for p in parts)
-        left, right = (a, b) if xs[0] > xs[1] else (b, a)
-    left &= ~right
-    logger.info("series %s: lungs %.0f ml left, %.0f ml right", volume.series_instance_uid,
-                left.sum() * volume.voxel_volume_ml, right.sum() * volume.voxel_volume_ml)
+        left, right = _refine(volume, f, left_c, right_c, taken, airway, params.air_hu)
+    left_ml, right_ml = (int(np.count_nonzero(m)) * volume.voxel_volume_ml for m in (left, right))
+    if left_ml + right_ml < params.min_lung_ml:
+        raise SegmentationError(
+            f"series {uid}: found {left_ml + right_ml:.0f} ml of lung; the series may not cover the "
+            "chest or may not be a lung CT")
+    logger.info("series %s: lungs %.0f ml left, %.0f ml right", uid, left_ml, right_ml)
     return LungMasks(left=left, right=right)

@@ -1,11 +1,12 @@
 """Lung volumes, percentage of opacity and the MosMedData category.
 
-Implementation owned by the analysis work; the dataclasses below are the
-contract used by the reports and the node.
+The dataclasses are the contract used by the reports and the node;
+:func:`quantify` measures them (its docstring says how).
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,10 +19,13 @@ __all__ = [
     "LungMeasurement",
     "OpacityThresholds",
     "Quantification",
+    "QuantifyParams",
     "category_for",
     "image_noise_hu",
     "quantify",
 ]
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -31,6 +35,24 @@ class OpacityThresholds:
     opacity_low: float = -700.0
     opacity_high: float = -300.0
     high_opacity_high: float = 100.0
+
+
+@dataclass(frozen=True)
+class QuantifyParams:
+    """Tuning knobs of :func:`quantify` (millimetres, HU)."""
+
+    grid_mm: float = 1.25
+    """In-plane voxel size the opacities are classified on (block means)."""
+    vessel_radius_mm: float = 5.0
+    """Bright structures that vanish under an opening with a disk of this radius are vessels."""
+    rim_radius_mm: float | None = None
+    """Thinner structures in the opacity range are partial volume; ``None``: 0.45 slice thickness, >= 1.5."""
+    min_opacity_mm3: float = 60.0
+    """Ground-glass specks smaller than this are noise."""
+    ring_fraction: float = 0.35
+    """A vessel counts as opacity when this share of the lung around it is opacity."""
+    target_noise_hu: float = 15.0
+    """The smoothing brings the parenchyma's noise down to about this SD."""
 
 
 @dataclass(frozen=True)
@@ -59,6 +81,8 @@ class Quantification:
     """Boolean ``(z, y, x)`` mask of opacity voxels inside the lungs (for the SEG)."""
     quality_flags: tuple[str, ...] = ()
     """Human-readable caveats (partial coverage, thick slices, ...)."""
+    noise_hu: float | None = None
+    """Noise SD in the lung parenchyma (HU), when it could be measured."""
 
 
 def category_for(percent_opacity: float, normal_below: float = 1.0) -> str:
@@ -79,23 +103,10 @@ def category_for(percent_opacity: float, normal_below: float = 1.0) -> str:
     return "CT-4"
 
 
-def _reduced(volume: CTVolume, f: int) -> tuple[np.ndarray, float]:
-    voxel_ml = volume.spacing[0] * volume.spacing[1] * volume.spacing[2] * f * f / 1000.0
-    return block_mean(volume.hu, f), voxel_ml
-
-
-def _reduce_mask(mask: np.ndarray, f: int) -> np.ndarray:
-    if f == 1:
-        return mask
-    z, y, x = mask.shape
-    y2, x2 = (y // f) * f, (x // f) * f
-    return mask[:, :y2, :x2].reshape(z, y2 // f, f, x2 // f, f).mean(axis=(2, 4)) >= 0.5
-
-
 def _lung_box(mask: np.ndarray, f: int) -> tuple[slice, slice, slice]:
     """Bounding box of the lungs, in-plane edges on multiples of the block size ``f``."""
     if not mask.any():
-        return (slice(0, mask.shape[0]), slice(0, mask.shape[1]), slice(0, mask.shape[2]))
+        return (slice(0, 0), slice(0, 0), slice(0, 0))
     box = []
     for axis in range(3):
         other = tuple(a for a in range(3) if a != axis)
@@ -103,34 +114,153 @@ def _lung_box(mask: np.ndarray, f: int) -> tuple[slice, slice, slice]:
         lo, hi = int(idx[0]), int(idx[-1]) + 1
         if axis > 0:
             lo = (lo // f) * f
-            hi = min(mask.shape[axis], -(-hi // f) * f)
+            hi = min((mask.shape[axis] // f) * f, -(-hi // f) * f)
         box.append(slice(lo, hi))
     return box[0], box[1], box[2]
 
 
+def _reduce_mask(mask: np.ndarray, f: int) -> np.ndarray:
+    if f == 1:
+        return mask.copy()
+    z, y, x = mask.shape
+    return mask.reshape(z, y // f, f, x // f, f).sum(axis=(2, 4), dtype=np.uint8) * 2 >= f * f
+
+
+def _disk(radius_px: float) -> np.ndarray:
+    r = max(1, int(np.floor(radius_px)))
+    yy, xx = np.mgrid[-r:r + 1, -r:r + 1]
+    return ((yy * yy + xx * xx) <= radius_px * radius_px + 0.25)[None]
+
+
+def _neighbour_noise(hu: np.ndarray, lung: np.ndarray) -> float | None:
+    """Noise SD from differences of neighbouring pixels of normal parenchyma (robust SD / sqrt 2)."""
+    zs = np.nonzero(lung.any(axis=(1, 2)))[0]
+    if zs.size == 0:
+        return None
+    diffs = []
+    for z in zs[np.linspace(0, zs.size - 1, min(7, zs.size)).astype(int)]:
+        sl = hu[z].astype(np.float32)
+        inner = lung[z, :, 1:] & lung[z, :, :-1] & (sl[:, 1:] < -600) & (sl[:, :-1] < -600)
+        diffs.append((sl[:, 1:] - sl[:, :-1])[inner])
+    d = np.concatenate(diffs)
+    if d.size < 500:
+        return None
+    return float(1.4826 * np.median(np.abs(d - np.median(d))) / np.sqrt(2.0))
+
+
+def image_noise_hu(volume: CTVolume, masks: LungMasks) -> float | None:
+    """Noise SD in HU from differences of neighbouring pixels in the lung parenchyma.
+
+    Neighbour differences cancel the anatomy and keep the noise; measured on up
+    to seven slices through the lungs.  ``None`` when too few pixels qualify.
+    """
+    return _neighbour_noise(volume.hu, masks.both)
+
+
+def _smooth_in_lung(hu: np.ndarray, lung: np.ndarray, sigma: float) -> np.ndarray:
+    """In-plane Gaussian of the HU inside the lung only (normalised convolution).
+
+    The chest wall and the mediastinum do not bleed into the lung's border, so
+    the pleura does not read as a rim of ground glass.
+    """
+    out = np.empty_like(hu)
+    for k in range(hu.shape[0]):
+        m = lung[k].astype(np.float32)
+        if not m.any():
+            out[k] = hu[k]
+            continue
+        num = ndi.gaussian_filter(hu[k] * m, sigma, truncate=2.5)
+        den = ndi.gaussian_filter(m, sigma, truncate=2.5)
+        out[k] = np.where(den > 0.05, num / np.maximum(den, 0.05), hu[k])
+    return out
+
+
+def _opacity(hu: np.ndarray, lung: np.ndarray, thresholds: OpacityThresholds, params: QuantifyParams,
+             pixel_mm: float, voxel_mm3: float, sigma: float, rim_mm: float) -> tuple[np.ndarray, np.ndarray]:
+    """Opacity and high-opacity masks on the reduced grid (steps: :func:`quantify`)."""
+    light = _smooth_in_lung(hu, lung, 0.7)
+    bright = lung & (light > thresholds.opacity_high)
+    blobs = ndi.binary_opening(bright, structure=_disk(params.vessel_radius_mm / pixel_mm))
+    solid = blobs & (light <= thresholds.high_opacity_high)
+    dense = lung & (light >= thresholds.opacity_low)
+    thin = dense & ~ndi.binary_opening(dense, structure=_disk(rim_mm / pixel_mm))
+    vessel_zone = ndi.binary_dilation((bright & ~blobs) | thin, structure=_disk(1.0)) & lung
+    in_range = vessel_zone & (light >= thresholds.opacity_low) & (light <= thresholds.high_opacity_high)
+    del light, bright, blobs, dense, thin
+    support = lung & ~vessel_zone
+    smooth = _smooth_in_lung(hu, support, sigma)
+    faint = support & (smooth >= thresholds.opacity_low) & (smooth <= thresholds.opacity_high)
+    del smooth
+    lab, n = ndi.label(faint)
+    specks = np.bincount(lab.ravel(), minlength=n + 1) * voxel_mm3 < params.min_opacity_mm3
+    specks[0] = False
+    faint &= ~specks[lab]
+    del lab
+    opacity = faint | solid
+    return opacity | _surrounded(in_range, opacity, lung, params.ring_fraction), solid
+
+
+def _surrounded(zone: np.ndarray, opacity: np.ndarray, lung: np.ndarray, fraction: float) -> np.ndarray:
+    """Parts of ``zone`` (connected within a slice) whose surrounding ring is mostly opacity.
+
+    A vessel inside ground glass is involved lung (MosMedData counts it); one
+    in normal lung with a fleck of partial volume beside it is not.
+    """
+    cross = np.zeros((3, 3, 3), dtype=bool)
+    cross[1] = _disk(1.0)[0]
+    lab, n = ndi.label(zone, structure=cross)
+    if n == 0:
+        return zone
+    ring_lab = ndi.grey_dilation(lab, footprint=cross)
+    ring = lung & (lab == 0) & (ring_lab > 0)
+    ids = ring_lab[ring]
+    total = np.bincount(ids, minlength=n + 1)
+    involved = np.bincount(ids, weights=opacity[ring], minlength=n + 1)
+    keep = involved >= fraction * np.maximum(total, 1)
+    keep[0] = False
+    return keep[lab]
+
+
 def _measure(mask: np.ndarray, opacity: np.ndarray, high: np.ndarray, voxel_ml: float) -> LungMeasurement:
-    n = int(mask.sum())
+    n = int(np.count_nonzero(mask))
     if n == 0:
         return LungMeasurement(0.0, 0.0, 0.0)
     return LungMeasurement(
         volume_ml=n * voxel_ml,
-        percent_opacity=100.0 * int((opacity & mask).sum()) / n,
-        percent_high_opacity=100.0 * int((high & mask).sum()) / n,
+        percent_opacity=100.0 * int(np.count_nonzero(opacity & mask)) / n,
+        percent_high_opacity=100.0 * int(np.count_nonzero(high & mask)) / n,
     )
 
 
 def quantify(volume: CTVolume, masks: LungMasks, thresholds: OpacityThresholds = OpacityThresholds(),
-             *, normal_below_percent: float = 1.0, grid_mm: float = 1.2,
-             vessel_radius_mm: float = 2.5) -> Quantification:
+             *, normal_below_percent: float = 1.0, params: QuantifyParams = QuantifyParams()
+             ) -> Quantification:
     """Lung volumes, percentage of opacity (PO) and of high opacity (PHO) per lung.
 
-    Measured on a grid of about ``grid_mm`` in-plane (2x2 block means of a
-    typical 0.7 mm image), which halves the noise of a sharp kernel so the
-    percentages do not depend on the kernel.  Opacity voxels lie in
-    ``[opacity_low, high_opacity_high]`` HU; vessels are excluded as far as a
-    threshold allows: dense structures thinner than ``vessel_radius_mm``
-    (tubes) vanish under a morphological opening, blobs of ground glass or
-    consolidation survive it.
+    Method, on the lungs' bounding box at about ``params.grid_mm`` in-plane
+    (block means of the image):
+
+    - kernel independence: the HU are smoothed in-plane inside the lungs only
+      (normalised convolution, so the chest wall does not bleed into the
+      lung's border), with a Gaussian whose width follows the noise measured
+      in the parenchyma (down to about ``target_noise_hu``): a sharp kernel
+      (B70f) is smoothed more than a smooth one (B40f) and both read alike;
+    - vessels: voxels above ``opacity_high`` that vanish under an in-plane
+      opening with a disk of ``vessel_radius_mm`` are thin bright tubes
+      (vessels, bronchial walls); structures in the opacity range thinner than
+      the rim radius (``rim_radius_mm``, by default 0.45 slice thickness and at
+      least 1.5 mm: thick slices smear oblique vessels into faint bands) are
+      partial volume of vessels, fissures and pleura.  Both, with a one-voxel
+      halo, are not opacity, unless their surrounding ring is mostly opacity
+      (``ring_fraction``): a vessel inside ground glass is involved lung.
+      Bright regions wider than the disk (consolidation, a tumour) stay;
+    - ground glass: voxels in ``[opacity_low, opacity_high]`` outside the
+      vessel zone, less specks under ``min_opacity_mm3``;
+    - PO counts ground glass and consolidation (``(opacity_high,
+      high_opacity_high]``), as MosMedData counts involvement; PHO the latter.
+
+    Volumes and percentages are counted on the full-resolution masks with the
+    opacity mask upsampled to them.
 
     Parameters
     ----------
@@ -140,6 +270,8 @@ def quantify(volume: CTVolume, masks: LungMasks, thresholds: OpacityThresholds =
         HU ranges of opacity and high opacity.
     normal_below_percent:
         Below this whole-lung PO the category is CT-0.
+    params:
+        Measurement grid, vessel and rim sizes, smoothing target.
 
     Returns
     -------
@@ -147,59 +279,50 @@ def quantify(volume: CTVolume, masks: LungMasks, thresholds: OpacityThresholds =
         Per lung and whole-lung measurements, the MosMedData category, the
         opacity mask on the volume's grid and quality flags.
     """
-    f = max(1, int(round(grid_mm / max(volume.spacing[1], volume.spacing[2]))))
-    box = _lung_box(masks.both, f)
-    sub = CTVolume(hu=volume.hu[box], spacing=volume.spacing, origin=volume.origin,
-                   direction=volume.direction, series_instance_uid=volume.series_instance_uid,
-                   sop_instance_uids=(), slice_thickness=volume.slice_thickness)
-    hu, voxel_ml = _reduced(sub, f)
-    left = _reduce_mask(masks.left[box], f)
-    right = _reduce_mask(masks.right[box], f)
-    lungs = left | right
-    dense = lungs & (hu >= thresholds.opacity_low) & (hu <= thresholds.high_opacity_high)
-    r_y = max(1, int(round(vessel_radius_mm / (volume.spacing[1] * f))))
-    r_z = max(0, int(round(vessel_radius_mm / volume.spacing[0])))
-    zz, yy, xx = np.mgrid[-r_z:r_z + 1, -r_y:r_y + 1, -r_y:r_y + 1]
-    ball = (xx * xx + yy * yy) / r_y ** 2 + (zz * zz) / max(r_z, 1) ** 2 <= 1.0
-    opacity = ndi.binary_opening(dense, structure=ball)
-    high = opacity & (hu > thresholds.opacity_high)
-    result_l = _measure(left, opacity, high, voxel_ml)
-    result_r = _measure(right, opacity, high, voxel_ml)
-    total = _measure(lungs, opacity, high, voxel_ml)
-    flags = _quality_flags(volume, masks, total)
+    px_mm = max(volume.spacing[1], volume.spacing[2])
+    f = max(1, int(round(params.grid_mm / px_mm)))
+    both = masks.both
+    box = _lung_box(both, f)
     opacity_full = np.zeros(volume.shape, dtype=bool)
-    opacity_full[box] = upsample_mask(opacity, f, sub.shape)
-    opacity_full &= masks.both
+    high_full = np.zeros(volume.shape, dtype=bool)
+    noise: float | None = None
+    lung_box = both[box]
+    left_box, right_box = masks.left[box], masks.right[box]
+    if lung_box.any():
+        hu = block_mean(volume.hu[box], f)
+        lung = _reduce_mask(lung_box, f)
+        noise = _neighbour_noise(volume.hu[box], lung_box)
+        q_noise = _neighbour_noise(hu, lung)
+        sigma = 0.5
+        if q_noise is not None:  # white-ish noise falls as 1 / (2 sigma sqrt(pi)) under a Gaussian
+            sigma = float(np.clip(q_noise / (2.0 * np.sqrt(np.pi) * params.target_noise_hu), 0.5, 2.5))
+        rim_mm = params.rim_radius_mm
+        if rim_mm is None:
+            rim_mm = max(1.5, 0.45 * max(volume.slice_thickness, volume.spacing[0]))
+        voxel_mm3 = volume.spacing[0] * volume.spacing[1] * volume.spacing[2] * f * f
+        opacity, high = _opacity(hu, lung, thresholds, params, px_mm * f, voxel_mm3, sigma, rim_mm)
+        del hu, lung
+        opacity_full[box] = upsample_mask(opacity, f, lung_box.shape) & lung_box
+        high_full[box] = upsample_mask(high, f, lung_box.shape) & lung_box
+        logger.debug("series %s: noise %s HU, smoothing sigma %.2f px of %.2f mm",
+                     volume.series_instance_uid, noise, sigma, px_mm * f)
+    op_box, high_box = opacity_full[box], high_full[box]
+    voxel_ml = volume.voxel_volume_ml
+    total = _measure(lung_box, op_box, high_box, voxel_ml)
+    flags = _quality_flags(volume, both, total, noise)
     return Quantification(
-        left=result_l, right=result_r, total=total,
+        left=_measure(left_box, op_box, high_box, voxel_ml),
+        right=_measure(right_box, op_box, high_box, voxel_ml),
+        total=total,
         severity_category=category_for(total.percent_opacity, normal_below_percent),
         thresholds=thresholds, opacity_mask=opacity_full, quality_flags=tuple(flags),
+        noise_hu=noise,
     )
 
 
-def image_noise_hu(volume: CTVolume, masks: LungMasks) -> float | None:
-    """Noise SD in HU from differences of neighbouring pixels in the lung parenchyma.
-
-    Neighbour differences cancel the anatomy and keep the noise (robust SD of
-    the difference / sqrt 2); measured on up to five slices through the lungs.
-    """
-    zs = np.nonzero(masks.both.any(axis=(1, 2)))[0]
-    if zs.size == 0:
-        return None
-    diffs = []
-    for z in zs[np.linspace(0, zs.size - 1, min(5, zs.size)).astype(int)]:
-        sl = volume.hu[z].astype(np.float32)
-        inner = masks.both[z, :, 1:] & masks.both[z, :, :-1] & (sl[:, 1:] < -600) & (sl[:, :-1] < -600)
-        diffs.append((sl[:, 1:] - sl[:, :-1])[inner])
-    d = np.concatenate(diffs)
-    if d.size < 500:
-        return None
-    return float(1.4826 * np.median(np.abs(d - np.median(d))) / np.sqrt(2.0))
-
-
-def _quality_flags(volume: CTVolume, masks: LungMasks, total: LungMeasurement) -> list[str]:
+def _quality_flags(volume: CTVolume, both: np.ndarray, total: LungMeasurement,
+                   noise: float | None) -> list[str]:
     flags = []
-    both = masks.both
     if both[0].any() or both[-1].any():
         flags.append("lungs not fully covered by the scan (lung on the first or last slice)")
     if volume.slice_thickness > 5.0:
@@ -207,7 +330,6 @@ def _quality_flags(volume: CTVolume, masks: LungMasks, total: LungMeasurement) -
     if not 1500.0 <= total.volume_ml <= 9000.0:
         flags.append(f"lung volume {total.volume_ml:.0f} ml is outside the plausible adult range "
                      "(1500-9000 ml)")
-    noise = image_noise_hu(volume, masks)
     if noise is not None and noise > 80.0:
         flags.append(f"heavy image noise ({noise:.0f} HU SD in the lung parenchyma)")
     return flags
