@@ -15,10 +15,19 @@ from pathlib import Path
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from model.errors import VolumeError
 
-__all__ = ["CTVolume", "SliceHeader", "load_series", "read_headers", "sort_headers"]
+__all__ = [
+    "CTVolume",
+    "SliceHeader",
+    "load_series",
+    "load_series_with_headers",
+    "read_headers",
+    "slice_header",
+    "sort_headers",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -114,6 +123,17 @@ def _header(path: Path, ds: Dataset) -> SliceHeader:
     )
 
 
+def slice_header(path: Path, ds: Dataset) -> SliceHeader:
+    """The :class:`SliceHeader` of a dataset already read from ``path``.
+
+    Raises
+    ------
+    VolumeError
+        The dataset lacks usable geometry attributes.
+    """
+    return _header(Path(path), ds)
+
+
 def read_headers(paths: Sequence[Path]) -> list[SliceHeader]:
     """Read the geometry of each file without decoding pixel data."""
     headers = []
@@ -185,38 +205,195 @@ def load_series(paths: Sequence[Path]) -> CTVolume:
         Inconsistent geometry, missing pixel data, or pixel data that cannot be
         decoded (the message names the file).
     """
-    headers = read_headers([Path(p) for p in paths])
+    return load_series_with_headers(paths)[0]
+
+
+_NATIVE_LITTLE_ENDIAN = frozenset({ImplicitVRLittleEndian, ExplicitVRLittleEndian})
+_PIXEL_DATA_TAG = 0x7FE00010
+
+
+def _native_pixels(ds: Dataset, rows: int, columns: int) -> tuple[np.ndarray, int] | None:
+    """The stored words of an uncompressed little-endian single-frame image (no copy) and Bits Stored.
+
+    ``None`` when the image is anything else (compressed, big endian, colour,
+    multi-frame, unusual bit depth, short data): :attr:`Dataset.pixel_array`
+    decodes those, or says why it cannot.
+    """
+    meta = getattr(ds, "file_meta", None)
+    if meta is None or meta.get("TransferSyntaxUID") not in _NATIVE_LITTLE_ENDIAN:
+        return None
+    try:
+        allocated = int(ds.BitsAllocated)
+        stored = int(ds.get("BitsStored", allocated))
+        signed = int(ds.PixelRepresentation) == 1
+        samples = int(ds.get("SamplesPerPixel", 1))
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+    except (AttributeError, TypeError, ValueError):
+        return None
+    if samples != 1 or frames != 1 or allocated not in (8, 16, 32) or not 0 < stored <= allocated:
+        return None
+    data = ds.PixelData
+    size = allocated // 8
+    if not isinstance(data, bytes | bytearray) or len(data) < rows * columns * size:
+        return None
+    raw = np.frombuffer(data, dtype=np.dtype(f"<{'i' if signed else 'u'}{size}"),
+                        count=rows * columns)
+    return raw.reshape(rows, columns), stored
+
+
+def _decode(ds: Dataset, h: SliceHeader) -> tuple[np.ndarray, int]:
+    """Pixel words of one slice and their Bits Stored (unused high bits not yet cleared)."""
+    if "PixelData" not in ds:
+        raise VolumeError(f"{h.path.name} (SOP {h.sop_instance_uid}) has no pixel data")
+    native = _native_pixels(ds, h.rows, h.columns)
+    if native is not None:
+        return native
+    try:
+        raw = ds.pixel_array
+    except Exception as exc:  # noqa: BLE001 - decoders raise many types; re-raised typed
+        raise VolumeError(
+            f"cannot decode pixel data of SOP {h.sop_instance_uid} "
+            f"(transfer syntax {ds.file_meta.get('TransferSyntaxUID', '?')}): {exc}"
+        ) from exc
+    return raw, raw.dtype.itemsize * 8  # pydicom has cleared the unused bits
+
+
+def _stored_values(raw: np.ndarray, stored: int) -> np.ndarray:
+    """The values of ``stored``-bit words as pydicom gives them: high bits masked or sign-extended."""
+    bits = raw.dtype.itemsize * 8
+    if raw.dtype.kind not in "ui" or stored >= bits:
+        return raw
+    if raw.dtype.kind == "i":
+        return (raw << (bits - stored)) >> (bits - stored)
+    return raw & raw.dtype.type((1 << stored) - 1)
+
+
+def _to_hu(raw: np.ndarray, stored: int, ds: Dataset, out: np.ndarray,
+           scratch: np.ndarray) -> None:
+    """Stored values to HU (Rescale Slope/Intercept), rounded and clipped to ``int16``, in ``out``."""
+    if raw.shape != out.shape:
+        raise ValueError(f"pixel data has shape {raw.shape}, expected {out.shape}")
+    slope = float(ds.get("RescaleSlope", 1) or 1)
+    intercept = float(ds.get("RescaleIntercept", 0) or 0)
+    if not (slope == 1.0 and intercept.is_integer()):
+        out[...] = np.clip(np.rint(_stored_values(raw, stored) * slope + intercept), -32768, 32767)
+        return
+    offset = int(intercept)
+    if raw.dtype.kind in "ui" and raw.dtype.itemsize <= 2:
+        bits = min(stored, raw.dtype.itemsize * 8)
+        low, high = ((-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if raw.dtype.kind == "i"
+                     else (0, (1 << bits) - 1))
+        if high <= 32767 and -32768 <= low + offset and high + offset <= 32767:
+            # every value and every result fits int16: in place, no temporaries
+            if raw.dtype.kind == "u" and bits < raw.dtype.itemsize * 8:
+                np.bitwise_and(raw, (1 << bits) - 1, out=out, casting="unsafe")
+            elif raw.dtype.kind == "i" and bits < raw.dtype.itemsize * 8:
+                np.left_shift(raw, 16 - bits, out=out, dtype=np.int16, casting="unsafe")
+                np.right_shift(out, 16 - bits, out=out)
+            else:
+                out[...] = raw
+            if offset:
+                np.add(out, offset, out=out, casting="unsafe")
+            return
+        np.add(_stored_values(raw, stored), offset, out=scratch, dtype=np.int32, casting="unsafe")
+        np.clip(scratch, -32768, 32767, out=scratch)
+        out[...] = scratch
+        return
+    out[...] = np.clip(_stored_values(raw, stored).astype(np.int64) + offset, -32768, 32767)
+
+
+def _permute_slices(hu: np.ndarray, order: np.ndarray) -> None:
+    """Reorder ``hu`` in place so that ``hu_new[i] = hu_old[order[i]]`` (one spare slice)."""
+    done = np.zeros(len(order), dtype=bool)
+    spare = np.empty_like(hu[0])
+    for start in range(len(order)):
+        if done[start] or order[start] == start:
+            done[start] = True
+            continue
+        spare[...] = hu[start]
+        j = start
+        while True:
+            done[j] = True
+            k = int(order[j])
+            if k == start:
+                hu[j] = spare
+                break
+            hu[j] = hu[k]
+            j = k
+
+
+def _kernel_text(ds: Dataset) -> str | None:
+    k = ds.get("ConvolutionKernel")
+    if not k:
+        return None
+    return "\\".join(k) if isinstance(k, list | pydicom.multival.MultiValue) else str(k)
+
+
+def load_series_with_headers(paths: Sequence[Path]) -> tuple[CTVolume, tuple[Dataset, ...]]:
+    """:func:`load_series`, also returning each slice's header dataset.
+
+    Each file is read once: its header gives the geometry and its pixel data
+    goes straight into the volume (uncompressed little-endian data without a
+    decoder, anything else through pydicom's ``pixel_array``).
+
+    Parameters
+    ----------
+    paths:
+        The series' files, in any order.
+
+    Returns
+    -------
+    The volume, and the files' datasets without pixel data, in the volume's z
+    order (what :func:`node.reports.build_reports` takes as source headers).
+
+    Raises
+    ------
+    VolumeError
+        As :func:`load_series`; geometry is checked before pixel data, and a
+        pixel data error names the first slice (in z order) that has one.
+    """
+    files = [Path(p) for p in paths]
+    if not files:
+        raise VolumeError("the series has no slices")
+    datasets: list[Dataset] = []
+    headers: list[SliceHeader] = []
+    errors: dict[int, VolumeError] = {}
+    hu = scratch = np.empty((0, 0, 0), dtype=np.int16)
+    for i, path in enumerate(files):
+        ds = pydicom.dcmread(path)
+        h = _header(path, ds)
+        if i == 0:
+            hu = np.empty((len(files), h.rows, h.columns), dtype=np.int16)
+            scratch = np.empty((h.rows, h.columns), dtype=np.int32)
+        datasets.append(ds)
+        headers.append(h)
+        if hu.shape[1:] == (h.rows, h.columns):  # otherwise sort_headers refuses the series
+            try:
+                raw, stored = _decode(ds, h)
+                _to_hu(raw, stored, ds, hu[i], scratch)
+            except VolumeError as exc:
+                errors[i] = exc
+            except ValueError as exc:
+                errors[i] = VolumeError(
+                    f"cannot decode pixel data of SOP {h.sop_instance_uid} "
+                    f"(transfer syntax {ds.file_meta.get('TransferSyntaxUID', '?')}): {exc}")
+        del ds[_PIXEL_DATA_TAG:]  # the header stays (for the reports); the pixel bytes go
     ordered, direction, interval = sort_headers(headers)
+    index = {id(h): i for i, h in enumerate(headers)}
+    order = np.array([index[id(h)] for h in ordered])
+    for i in order:
+        if int(i) in errors:
+            raise errors[int(i)]
+    _permute_slices(hu, order)
+    sorted_datasets = tuple(datasets[int(i)] for i in order)
+    kernel = next((k for k in map(_kernel_text, sorted_datasets) if k), None)
     first = ordered[0]
-    hu = np.empty((len(ordered), first.rows, first.columns), dtype=np.int16)
-    kernel: str | None = None
-    for i, h in enumerate(ordered):
-        ds = pydicom.dcmread(h.path)
-        if "PixelData" not in ds:
-            raise VolumeError(f"{h.path.name} (SOP {h.sop_instance_uid}) has no pixel data")
-        try:
-            raw = ds.pixel_array
-        except Exception as exc:  # noqa: BLE001 - decoders raise many types; re-raised typed
-            raise VolumeError(
-                f"cannot decode pixel data of SOP {h.sop_instance_uid} "
-                f"(transfer syntax {ds.file_meta.get('TransferSyntaxUID', '?')}): {exc}"
-            ) from exc
-        slope = float(ds.get("RescaleSlope", 1) or 1)
-        intercept = float(ds.get("RescaleIntercept", 0) or 0)
-        if slope == 1.0 and float(intercept).is_integer():
-            hu[i] = np.clip(raw.astype(np.int32) + int(intercept), -32768, 32767)
-        else:
-            hu[i] = np.clip(np.rint(raw * slope + intercept), -32768, 32767)
-        if kernel is None and ds.get("ConvolutionKernel"):
-            k = ds.ConvolutionKernel
-            kernel = "\\".join(k) if isinstance(k, list | pydicom.multival.MultiValue) else str(k)
-    origin = first.position
     logger.info("loaded series %s: %d slices, interval %.2f mm", first.series_instance_uid,
                 len(ordered), interval)
-    return CTVolume(
+    volume = CTVolume(
         hu=hu,
         spacing=(interval, first.pixel_spacing[0], first.pixel_spacing[1]),
-        origin=origin,
+        origin=first.position,
         direction=direction,
         series_instance_uid=first.series_instance_uid,
         sop_instance_uids=tuple(h.sop_instance_uid for h in ordered),
@@ -224,3 +401,4 @@ def load_series(paths: Sequence[Path]) -> CTVolume:
         kernel=kernel,
         paths=tuple(h.path for h in ordered),
     )
+    return volume, sorted_datasets

@@ -27,7 +27,7 @@ from model.errors import AnalysisError
 from model.lungs import LungMasks, segment_lungs
 from model.prediction import Prediction
 from model.quantify import OpacityThresholds, Quantification, quantify
-from model.volume import CTVolume, load_series
+from model.volume import CTVolume, load_series_with_headers
 from node.anonymize import anonymize
 from node.catalog import stored_study
 from node.db import (
@@ -95,8 +95,7 @@ def analyse(selected: SelectedSeries, settings: AnalysisSettings,
     """Load, segment, quantify and (when a predictor is given) classify one series."""
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    volume = load_series(list(selected.paths))
-    headers = tuple(pydicom.dcmread(p, stop_before_pixels=True) for p in volume.paths)
+    volume, headers = load_series_with_headers(list(selected.paths))
     timings["load"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     masks = segment_lungs(volume)

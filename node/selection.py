@@ -45,7 +45,7 @@ from pydicom.uid import UID, CTImageStorage, EnhancedCTImageStorage
 from scipy import ndimage
 
 from model.errors import VolumeError
-from model.volume import read_headers, sort_headers
+from model.volume import slice_header, sort_headers
 from node.errors import SelectionError
 from node.records import SelectedSeries, SeriesCandidate, StoredInstance, StoredStudy
 
@@ -335,7 +335,7 @@ def _judge(uid: str, instances: Sequence[StoredInstance], rules: SelectionRules)
         return _refused(uid, instances, first, "; ".join(reasons), kernel, thickness)
 
     try:
-        headers = read_headers([i.path for i in instances])
+        headers = [slice_header(i.path, ds) for i, ds in zip(instances, datasets, strict=True)]
         ordered, _direction, interval = sort_headers(headers)
     except VolumeError as exc:
         reason = str(exc).removeprefix(f"series {uid} ")

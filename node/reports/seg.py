@@ -18,6 +18,7 @@ The colours are those of the summary image.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import highdicom as hd
 import numpy as np
@@ -59,18 +60,55 @@ def _lung_segment(number: int, side: str, algorithm: hd.AlgorithmIdentificationS
 
 
 def _segment_stack(masks: LungMasks, opacity: np.ndarray) -> np.ndarray:
-    """``(z, y, x, segment)`` view over a segment-major array.
-
-    highdicom checks for overlapping segments with a sum over the last axis;
-    with the segments as the slowest axis that sum adds three contiguous
-    volumes instead of reducing 3-element rows (0.9 s instead of 1.9 s for
-    300x512x512 on this project's build machine).
-    """
+    """``(z, y, x, segment)`` view over a segment-major array (one contiguous volume a segment)."""
     stack = np.empty((3, *masks.left.shape), dtype=bool)
     stack[0] = masks.left
     stack[1] = masks.right
     stack[2] = opacity
     return np.moveaxis(stack, 0, -1)
+
+
+def _segments_overlap(stack: np.ndarray) -> bool:
+    """Whether any pixel of a boolean ``(z, y, x, segment)`` stack is in two segments.
+
+    Slab by slab, so the temporaries stay small: the union of the segments seen
+    so far and its intersection with the next one.
+    """
+    slab = max(1, (1 << 24) // max(1, stack.shape[1] * stack.shape[2]))
+    for z0 in range(0, stack.shape[0], slab):
+        part = stack[z0:z0 + slab]
+        seen = part[..., 0].copy()
+        for s in range(1, part.shape[-1]):
+            segment = part[..., s]
+            if np.any(seen & segment):
+                return True
+            seen |= segment
+    return False
+
+
+class _Segmentation(hd.seg.Segmentation):
+    """highdicom's Segmentation with a cheaper overlap check for boolean segment stacks.
+
+    highdicom 0.28 decides Segments Overlap with ``pixel_array.sum(axis=-1)``: an
+    ``int64`` copy of the whole stack (630 MB and 1-2.5 s for 300x512x512x3 on
+    this project's build machine).  For a boolean 4D stack of a BINARY
+    segmentation, the only case :func:`build_segmentation` passes, the same
+    answer comes from :func:`_segments_overlap` in tens of milliseconds; every
+    other case goes to highdicom's own check.  The object written is the same.
+    """
+
+    @classmethod
+    def _check_and_cast_pixel_array(cls, pixel_array: Any, segment_numbers: np.ndarray,
+                                    segmentation_type: hd.seg.SegmentationTypeValues,
+                                    dtype: type) -> Any:
+        if (isinstance(pixel_array, np.ndarray) and pixel_array.dtype == np.bool_
+                and pixel_array.ndim == 4 and pixel_array.shape[-1] == len(segment_numbers)
+                and segmentation_type == hd.seg.SegmentationTypeValues.BINARY):
+            overlap = _segments_overlap(pixel_array)
+            return pixel_array, (hd.seg.SegmentsOverlapValues.YES if overlap
+                                 else hd.seg.SegmentsOverlapValues.NO)
+        return super()._check_and_cast_pixel_array(pixel_array, segment_numbers,
+                                                   segmentation_type, dtype)
 
 
 def build_segmentation(sources: Sequence[Dataset], masks: LungMasks, opacity: np.ndarray, *,
@@ -119,7 +157,7 @@ def build_segmentation(sources: Sequence[Dataset], masks: LungMasks, opacity: np
             tracking_id="lung opacity", anatomic_regions=[lc.LUNG],
             display_color=hd.color.CIELabColor.from_rgb(*SEGMENT_COLOURS[2])),
     ]
-    seg = hd.seg.Segmentation(
+    seg = _Segmentation(
         source_images=list(sources),
         pixel_array=_segment_stack(masks, opacity),
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
