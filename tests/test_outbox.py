@@ -1,13 +1,22 @@
-"""The outbox against real receivers: down, refusing, then back."""
+"""The outbox against real receivers: down, refusing, then back; the C-STORE SCU itself."""
 
 from __future__ import annotations
 
 import shutil
+import subprocess
+import time
 from datetime import timedelta
+from io import BytesIO
 from pathlib import Path
 
 import pydicom
 import pytest
+from pydicom.errors import InvalidDicomError
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
+from pynetdicom.dimse_messages import C_STORE_RQ
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.dsutils import encode, split_dataset
+from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -23,10 +32,18 @@ from node.db import (
 )
 from node.errors import DeliveryError
 from node.migrate import upgrade
-from node.outbox import backoff, deliver_due, retry_delivery
+from node.outbox import (
+    _DirectStore,
+    backoff,
+    c_store_command,
+    deliver_due,
+    read_stored_file,
+    retry_delivery,
+    send_files,
+)
 from node.settings import DeliverySettings, DicomSettings, Peer
 from tests.conftest import B40F
-from tests.peers import StoreSCP, free_port
+from tests.peers import Orthanc, StoreSCP, free_port
 
 
 @pytest.fixture
@@ -121,3 +138,200 @@ def test_refusing_destination_goes_dead_and_retry_requeues(outbox, tmp_path: Pat
     assert _states(sessions) == [DeliveryState.SENT, DeliveryState.DEAD, DeliveryState.DEAD]
     with sessions() as s, pytest.raises(DeliveryError, match="already sent"):
         retry_delivery(s, ids[0], actor="test")
+
+
+# -- the C-STORE SCU (send_files) ---------------------------------------------------------------
+
+def _dataset_bytes(path: Path) -> bytes:
+    """The data set of a Part 10 file as stored: what a C-STORE carries."""
+    f = read_stored_file(path)
+    with open(path, "rb") as fh:
+        fh.seek(f.offset)
+        return fh.read()
+
+
+def _sized_dataset(folder: Path, length: int) -> Path:
+    """A small CT data set (no pixel data) whose encoded data set is ``length`` bytes."""
+    ds = pydicom.dcmread(next(B40F.iterdir()), stop_before_pixels=True)
+    ds.SOPInstanceUID = pydicom.uid.generate_uid()
+    ds.add_new(0x00091010, "LO", "lungnode test")  # private creator
+    out = folder / f"sized-{length}.dcm"
+    ds.add_new(0x00091011, "OB", b"")
+    ds.save_as(out, enforce_file_format=True)
+    pad = length - len(_dataset_bytes(out))
+    assert pad >= 0 and pad % 2 == 0, pad
+    ds[0x00091011].value = b"\x00" * pad
+    ds.save_as(out, enforce_file_format=True)
+    assert len(_dataset_bytes(out)) == length
+    return out
+
+
+@pytest.fixture(scope="module")
+def many_syntaxes(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """Real CT in seven transfer syntaxes (DCMTK converts), and data sets of edge lengths."""
+    folder = tmp_path_factory.mktemp("syntaxes")
+    src = sorted(B40F.iterdir())
+    files = [src[0], src[1]]  # explicit VR little endian, as stored
+    for i, option in enumerate(["+ti", "+tb", "+td"], start=2):  # implicit, big endian, deflated
+        out = folder / f"conv{i}.dcm"
+        subprocess.run(["dcmconv", option, str(src[i]), str(out)], check=True)
+        files.append(out)
+    subprocess.run(["dcmcrle", str(src[5]), str(folder / "rle.dcm")], check=True)
+    subprocess.run(["dcmcjpeg", "--encode-lossless-sv1", str(src[6]), str(folder / "jpll.dcm")],
+                   check=True)
+    files += [folder / "rle.dcm", folder / "jpll.dcm"]
+    # 4096-byte PDUs carry 4090 bytes: one byte short, exactly one, two and a half fragments
+    files += [_sized_dataset(folder, n) for n in (4088, 4090, 8180, 10226)]
+    return files
+
+
+def test_read_stored_file_agrees_with_pydicom(many_syntaxes: list[Path], tmp_path: Path) -> None:
+    for path in many_syntaxes:
+        f = read_stored_file(path)
+        meta, offset = split_dataset(path)
+        assert (f.sop_class_uid, f.sop_instance_uid, f.transfer_syntax_uid, f.offset) == (
+            meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID,
+            meta.TransferSyntaxUID, offset)
+        assert f.offset + f.length == path.stat().st_size
+    # no (0002,0000) group length: still read (the hand parser stops at group 0008)
+    ds = pydicom.dcmread(many_syntaxes[0])
+    raw = bytearray(many_syntaxes[0].read_bytes())
+    glen = 12 + int.from_bytes(raw[140:144], "little")
+    no_glen = tmp_path / "no-group-length.dcm"
+    no_glen.write_bytes(bytes(raw[:132]) + bytes(raw[144:]))
+    f = read_stored_file(no_glen)
+    assert (f.sop_instance_uid, f.offset) == (ds.SOPInstanceUID, glen + 132 - 12)
+    not_dicom = tmp_path / "notes.txt"
+    not_dicom.write_text("not DICOM" * 100)
+    with pytest.raises(InvalidDicomError):
+        read_stored_file(not_dicom)
+    meta_only = tmp_path / "meta-only.dcm"
+    meta_only.write_bytes(bytes(raw[:132 + glen]))
+    with pytest.raises(InvalidDicomError, match="no data set"):
+        read_stored_file(meta_only)
+
+
+def test_command_set_is_what_pynetdicom_encodes() -> None:
+    req = C_STORE()
+    req.MessageID, req.Priority = 65535, 2
+    req.AffectedSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+    req.AffectedSOPInstanceUID = "1.2.3.45"  # odd length: padded with NUL
+    req.DataSet = BytesIO(b"\x00" * 8)
+    msg = C_STORE_RQ()
+    msg.primitive_to_message(req)
+    assert c_store_command(req.AffectedSOPClassUID, req.AffectedSOPInstanceUID, 65535) == \
+        encode(msg.command_set, True, True)
+
+
+@pytest.mark.parametrize("max_pdu", [4096, 131072])
+def test_every_transfer_syntax_arrives_bit_for_bit(many_syntaxes: list[Path], tmp_path: Path,
+                                                    max_pdu: int) -> None:
+    """storescp in bit-preserving mode writes the data set exactly as it came off the wire."""
+    received = tmp_path / "received"
+    with StoreSCP(received, aet="RECEIVER", extra_args=("+B", "-pdu", str(max_pdu))) as scp:
+        peer = Peer(name="pacs", ae_title="RECEIVER", host="127.0.0.1", port=scp.port)
+        ticks: list[int] = []
+        results = send_files(many_syntaxes, peer, DicomSettings(ae_title="LUNGNODE"),
+                             lambda: ticks.append(1))
+        assert [(p, status) for p, status, _ in results] == [(p, 0) for p in many_syntaxes]
+        assert len(ticks) == len(many_syntaxes)
+        files = scp.wait_for_files(len(many_syntaxes))
+    by_uid = {read_stored_file(p).sop_instance_uid: p for p in files}
+    for path in many_syntaxes:
+        f = read_stored_file(path)
+        got = by_uid[f.sop_instance_uid]
+        assert read_stored_file(got).transfer_syntax_uid == f.transfer_syntax_uid
+        assert _dataset_bytes(got) == _dataset_bytes(path), path.name
+
+
+def test_refused_syntax_and_unreadable_file_are_reported_per_file(many_syntaxes: list[Path],
+                                                                  tmp_path: Path) -> None:
+    """A receiver that takes implicit VR only: the other files fail, each with its reason."""
+    junk = tmp_path / "junk.dcm"
+    junk.write_bytes(b"\x00" * 300)
+    paths = [many_syntaxes[0], junk, many_syntaxes[2]]  # explicit, junk, implicit
+    with StoreSCP(tmp_path / "received", aet="RECEIVER", extra_args=("+xi",)) as scp:
+        peer = Peer(name="pacs", ae_title="RECEIVER", host="127.0.0.1", port=scp.port)
+        results = send_files(paths, peer, DicomSettings(ae_title="LUNGNODE"))
+        assert scp.wait_for_files(1)
+    assert [r[1] for r in results] == [None, None, 0]
+    assert "pacs did not accept SOP class 1.2.840.10008.5.1.4.1.1.2 in transfer syntax " \
+        "1.2.840.10008.1.2.1" in results[0][2]
+    assert "not a readable DICOM file" in results[1][2]
+
+
+def test_nothing_readable_opens_no_association(tmp_path: Path) -> None:
+    junk = tmp_path / "junk.dcm"
+    junk.write_bytes(b"DICM")
+    peer = Peer(name="pacs", ae_title="RECEIVER", host="127.0.0.1", port=free_port())
+    results = send_files([junk], peer, DicomSettings(ae_title="LUNGNODE"))
+    assert results == [(junk, None, results[0][2])] and "not a readable" in results[0][2]
+
+
+class _RecordingSCP:
+    """A pynetdicom C-STORE SCP that records message IDs and data set bytes."""
+
+    def __init__(self, max_pdu: int, delay: float = 0.0) -> None:
+        self.message_ids: list[int] = []
+        self.datasets: list[bytes] = []
+        self.delay = delay
+        ae = AE(ae_title="RECORDER")
+        ae.maximum_pdu_size = max_pdu
+        ae.add_supported_context(CTImageStorage, ALL_TRANSFER_SYNTAXES)
+        self.port = free_port()
+        self.server = ae.start_server(("127.0.0.1", self.port), block=False,
+                                      evt_handlers=[(evt.EVT_C_STORE, self._store)])
+
+    def _store(self, event: evt.Event) -> int:
+        self.message_ids.append(int(event.request.MessageID))
+        self.datasets.append(event.request.DataSet.getvalue())
+        time.sleep(self.delay)
+        return 0x0000
+
+
+def test_message_ids_count_up_and_an_unlimited_pdu_is_used() -> None:
+    scp = _RecordingSCP(max_pdu=0)  # 0: the receiver takes PDUs of any length
+    try:
+        files = sorted(B40F.iterdir())[:4]
+        peer = Peer(name="rec", ae_title="RECORDER", host="127.0.0.1", port=scp.port)
+        results = send_files(files, peer, DicomSettings(ae_title="LUNGNODE"))
+        assert [r[1] for r in results] == [0] * 4
+        assert scp.message_ids == [1, 2, 3, 4]
+        assert scp.datasets == [_dataset_bytes(f) for f in files]
+    finally:
+        scp.server.shutdown()
+
+
+def test_no_response_aborts_and_the_rest_is_not_sent() -> None:
+    scp = _RecordingSCP(max_pdu=16384, delay=3.0)
+    try:
+        files = sorted(B40F.iterdir())[:3]
+        peer = Peer(name="rec", ae_title="RECORDER", host="127.0.0.1", port=scp.port)
+        results = send_files(files, peer, DicomSettings(ae_title="LUNGNODE", dimse_timeout=1))
+        assert [r[1] for r in results] == [None] * 3
+        assert "no response" in results[0][2]
+        assert [r[2] for r in results[1:]] == ["association ended before this file"] * 2
+    finally:
+        scp.server.shutdown()
+
+
+def test_pynetdicom_send_is_the_fallback(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Where the direct path cannot be used (TLS, other pynetdicom internals), the library sends."""
+    monkeypatch.setattr(_DirectStore, "usable", staticmethod(lambda assoc: False))
+    files = sorted(B40F.iterdir())[:2]
+    with StoreSCP(tmp_path / "received", aet="RECEIVER") as scp:
+        peer = Peer(name="pacs", ae_title="RECEIVER", host="127.0.0.1", port=scp.port)
+        results = send_files(files, peer, DicomSettings(ae_title="LUNGNODE"))
+        assert [r[1] for r in results] == [0, 0]
+        assert len(scp.wait_for_files(2)) == 2
+
+
+def test_a_series_into_orthanc(tmp_path: Path) -> None:
+    files = sorted(B40F.iterdir())
+    with Orthanc(tmp_path / "orthanc") as orthanc:
+        peer = Peer(name="orthanc", ae_title=orthanc.aet, host="127.0.0.1", port=orthanc.dicom_port)
+        results = send_files(files, peer, DicomSettings(ae_title="LUNGNODE"))
+        assert [r[1] for r in results] == [0] * len(files)
+        uids = {orthanc.get(f"/instances/{i}/simplified-tags")["SOPInstanceUID"]
+                for i in orthanc.get("/instances")}
+    assert uids == {read_stored_file(f).sop_instance_uid for f in files}
