@@ -2,18 +2,28 @@
 
 For synthetic 512x512 studies of 300 and 600 slices (the generator's output),
 prints: the time pydicom needs merely to decode the series' pixel data (the
-floor every analysis pays), the time of each stage (load, segment, quantify,
-CNN, reports, writing), the whole, the ratio whole / floor, and the peak
-resident memory of a process that analyses the study (measured in a child
-process so each study's peak is its own).
+floor every analysis pays: ``dcmread(f).pixel_array`` over the same files),
+the time of each stage (load, segment, quantify, CNN, reports, writing), the
+whole, the ratios whole / floor and (load + segment + quantify) / floor, and
+the peak resident memory of a process that analyses the study (measured in a
+child process so each study's peak is its own).
 
-    .venv/bin/python benchmarks/bench_analysis.py [--slices 300 600]
+The CNN stage runs as the node runs it by default (``[model] enabled = true``,
+the default model shipped in ``model/weights``, device ``auto``, mirror TTA);
+the model is loaded before the clock starts, as the node loads it once at
+start-up.  The benchmark says which model ran on which device, and stops when
+the default model cannot be loaded (the node would refuse to start too).
+``--no-cnn`` leaves the stage out.  The load average is printed with the
+figures: the numbers are only comparable on an otherwise idle machine.
+
+    .venv/bin/python benchmarks/bench_analysis.py [--slices 300 600] [--no-cnn]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import shutil
 import subprocess
@@ -33,14 +43,21 @@ def child(dicom_dir: str, out_dir: str, with_cnn: bool) -> None:
     from node.pipeline import ALGORITHM_NAME, ALGORITHM_VERSION, analyse, write_results
     from node.records import SelectedSeries
     from node.reports import ReportContext, build_reports
-    from node.settings import AnalysisSettings
+    from node.settings import AnalysisSettings, ModelSettings
 
     paths = tuple(sorted(Path(dicom_dir).glob("*.dcm")))
     predictor = None
     if with_cnn:
+        from model.errors import ModelError
         from model.inference import InferenceEngine
 
-        predictor = InferenceEngine.from_registry().predict
+        model = ModelSettings()
+        try:
+            predictor = InferenceEngine.from_registry(model.name, model.registry, device=model.device,
+                                                      tta=model.tta).predict
+        except ModelError as exc:
+            print(json.dumps({"error": f"the default severity model cannot be loaded: {exc}"}))
+            return
     t0 = time.perf_counter()
     ds = pydicom.dcmread(paths[0], stop_before_pixels=True)
     selected = SelectedSeries(str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), paths, "benchmark")
@@ -57,7 +74,11 @@ def child(dicom_dir: str, out_dir: str, with_cnn: bool) -> None:
     timings["write"] = time.perf_counter() - t
     timings["whole"] = time.perf_counter() - t0
     timings["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps(timings))
+    out: dict[str, object] = dict(timings)
+    if analysis.prediction is not None:
+        p = analysis.prediction
+        out["cnn_model"] = f"{p.model_name} {p.model_version} on {p.device}"
+    print(json.dumps(out))
 
 
 def decode_floor(dicom_dir: Path) -> float:
@@ -69,10 +90,13 @@ def decode_floor(dicom_dir: Path) -> float:
     return time.perf_counter() - t0
 
 
+_STAGES = ("load", "segment", "quantify", "cnn", "reports", "write", "whole")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--slices", type=int, nargs="+", default=[300, 600])
-    ap.add_argument("--no-cnn", action="store_true")
+    ap.add_argument("--no-cnn", action="store_true", help="leave the severity CNN out")
     ap.add_argument("--child", nargs=2, metavar=("DICOM_DIR", "OUT"))
     args = ap.parse_args()
     if args.child:
@@ -82,9 +106,11 @@ def main() -> None:
 
     tmp = Path(tempfile.mkdtemp(prefix="lungnode-bench-"))
     try:
-        print(f"{'slices':>6} {'floor s':>8} " + " ".join(f"{k:>9}" for k in
-              ("load", "segment", "quantify", "cnn", "reports", "write", "whole")) +
-              f" {'whole/floor':>11} {'peak MB':>8}")
+        print(f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())} "
+              f"on {os.cpu_count()} CPUs; times in seconds")
+        print(f"{'slices':>6} {'floor':>6} " + " ".join(f"{k:>8}" for k in _STAGES) +
+              f" {'whole/floor':>11} {'measure/floor':>13} {'peak MB':>8}")
+        models = set()
         for n in args.slices:
             study = write_study(tmp / f"s{n}", SynthSpec(involvement=0.3, seed=7, slices=n, rows=512,
                                                         slice_thickness_mm=300.0 / n))
@@ -94,9 +120,18 @@ def main() -> None:
                 cmd.append("--no-cnn")
             res = subprocess.run(cmd, capture_output=True, text=True, check=True)
             t = json.loads(res.stdout.strip().splitlines()[-1])
-            print(f"{n:6d} {floor:8.2f} " + " ".join(f"{t.get(k, float('nan')):9.2f}" for k in
-                  ("load", "segment", "quantify", "cnn", "reports", "write", "whole")) +
-                  f" {t['whole'] / floor:11.2f} {t['peak_rss_mb']:8.0f}")
+            if "error" in t:
+                sys.exit(f"{t['error']}\nthe node's default configuration would refuse to start; "
+                         "fix model/weights or run with --no-cnn")
+            if not args.no_cnn and "cnn" not in t:
+                sys.exit("the CNN stage did not run although the default model loaded")
+            models.add(t.get("cnn_model", ""))
+            measure = t["load"] + t["segment"] + t["quantify"]
+            print(f"{n:6d} {floor:6.2f} " + " ".join(f"{t.get(k, float('nan')):8.2f}" for k in _STAGES) +
+                  f" {t['whole'] / floor:11.2f} {measure / floor:13.2f} {t['peak_rss_mb']:8.0f}")
+        print("CNN: " + ("not run (--no-cnn)" if args.no_cnn else
+                         f"{', '.join(sorted(models))} (the node's default [model] settings)"))
+        print(f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())} at the end")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

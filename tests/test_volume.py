@@ -1,0 +1,160 @@
+"""model.volume: one read per file, the same HU as pydicom's decoder, the same refusals."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+import pydicom
+import pytest
+from pydicom.encaps import encapsulate, generate_frames
+from pydicom.uid import ImplicitVRLittleEndian, RLELossless, generate_uid
+
+from model.errors import VolumeError
+from model.lungs import LungMasks
+from model.volume import load_series, load_series_with_headers, read_headers, sort_headers
+from node.reports import seg as seg_module
+from tests.conftest import B40F
+
+COUNT = 12
+
+
+def _reference_hu(paths: list[Path]) -> np.ndarray:
+    """HU the straightforward way: sorted headers, pydicom's pixel_array, slope and intercept."""
+    ordered, _, _ = sort_headers(read_headers(paths))
+    slices = []
+    for h in ordered:
+        ds = pydicom.dcmread(h.path)
+        raw = ds.pixel_array.astype(np.float64)
+        hu = raw * float(ds.get("RescaleSlope", 1)) + float(ds.get("RescaleIntercept", 0))
+        slices.append(np.clip(np.rint(hu), -32768, 32767).astype(np.int16))
+    return np.stack(slices)
+
+
+def _series(tmp_path: Path, name: str, edit=None, count: int = COUNT) -> list[Path]:  # type: ignore[no-untyped-def]
+    out = tmp_path / name
+    out.mkdir()
+    series = generate_uid()
+    paths = []
+    for i, f in enumerate(sorted(B40F.glob("*.dcm"))[:count]):
+        ds = pydicom.dcmread(f)
+        ds.SeriesInstanceUID = series
+        if edit is not None:
+            edit(i, ds)
+        path = out / f.name
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    random.Random(3).shuffle(paths)  # files in no particular order
+    return paths
+
+
+def test_native_series_matches_pydicom_and_returns_headers(tmp_path: Path) -> None:
+    paths = _series(tmp_path, "native")
+    volume, headers = load_series_with_headers(paths)
+    assert volume.hu.dtype == np.int16
+    assert np.array_equal(volume.hu, _reference_hu(paths))
+    assert tuple(h.SOPInstanceUID for h in headers) == volume.sop_instance_uids
+    for h, path in zip(headers, volume.paths, strict=True):
+        assert "PixelData" not in h
+        plain = pydicom.dcmread(path, stop_before_pixels=True)
+        assert set(h.keys()) == set(plain.keys())
+    assert np.array_equal(load_series(paths).hu, volume.hu)
+
+
+def _signed_12_bit_with_junk(i: int, ds: pydicom.Dataset) -> None:
+    """Signed 12-bit words whose unused high bits hold junk (pydicom sign-extends)."""
+    stored = _stored(ds)
+    words = np.clip(stored.astype(np.int32) - 1024, -2048, 2047).astype(np.int16)
+    words = (words.view(np.uint16) & 0x0FFF) | (0x5000 if i % 2 else 0)  # junk above bit 11
+    ds.PixelRepresentation = 1
+    ds.BitsStored, ds.HighBit = 12, 11
+    ds.RescaleIntercept = 0
+    ds.PixelData = words.astype("<u2").tobytes()
+
+
+def _stored(ds: pydicom.Dataset) -> np.ndarray:
+    return np.asarray(ds.pixel_array)
+
+
+def _unsigned_with_junk(i: int, ds: pydicom.Dataset) -> None:
+    words = _stored(ds).astype(np.uint16) | np.uint16(0xA000)  # above Bits Stored 12
+    ds.PixelData = words.astype("<u2").tobytes()
+
+
+def _fractional_rescale(i: int, ds: pydicom.Dataset) -> None:
+    ds.RescaleSlope, ds.RescaleIntercept = "0.5", "-1000.25"
+
+
+def _implicit(i: int, ds: pydicom.Dataset) -> None:
+    ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
+
+
+def _rle(i: int, ds: pydicom.Dataset) -> None:
+    ds.compress(RLELossless)
+
+
+@pytest.mark.parametrize("edit", [_signed_12_bit_with_junk, _unsigned_with_junk,
+                                  _fractional_rescale, _implicit, _rle])
+def test_pixel_encodings_give_pydicoms_values(tmp_path: Path, edit) -> None:  # type: ignore[no-untyped-def]
+    paths = _series(tmp_path, edit.__name__.strip("_"), edit)
+    volume = load_series(paths)
+    assert np.array_equal(volume.hu, _reference_hu(paths))
+
+
+def test_missing_pixel_data_names_the_first_slice_in_z_order(tmp_path: Path) -> None:
+    def drop(i: int, ds: pydicom.Dataset) -> None:
+        if i in (4, 7):
+            del ds.PixelData
+
+    paths = _series(tmp_path, "nopixels", drop)
+    ordered, _, _ = sort_headers(read_headers(paths))
+    names = {p.name for p in sorted(B40F.glob("*.dcm"))[:COUNT][4:8:3]}
+    first = next(h for h in ordered if h.path.name in names)
+    with pytest.raises(VolumeError, match=f"{first.path.name} .*has no pixel data"):
+        load_series(paths)
+
+
+def test_geometry_is_refused_before_pixel_data(tmp_path: Path) -> None:
+    def edit(i: int, ds: pydicom.Dataset) -> None:
+        if i == 2:
+            del ds.PixelData
+        if i == 5:
+            ds.ImagePositionPatient = list(pydicom.dcmread(sorted(B40F.glob("*.dcm"))[4])
+                                           .ImagePositionPatient)
+
+    with pytest.raises(VolumeError, match="same position"):
+        load_series(_series(tmp_path, "dup", edit))
+
+
+def test_undecodable_pixel_data_names_the_sop(tmp_path: Path) -> None:
+    bad: list[str] = []
+
+    def edit(i: int, ds: pydicom.Dataset) -> None:
+        ds.compress(RLELossless)
+        if i == 3:
+            frame = next(generate_frames(ds.PixelData, number_of_frames=1))
+            ds.PixelData = encapsulate([frame[:200]])  # the RLE segments are cut short
+            bad.append(ds.SOPInstanceUID)
+
+    paths = _series(tmp_path, "broken", edit)
+    with pytest.raises(VolumeError, match=f"cannot decode pixel data of SOP {bad[0]}"):
+        load_series(paths)
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_seg_overlap_check_agrees_with_highdicom(overlap: bool) -> None:
+    rng = np.random.default_rng(5)
+    left = rng.random((6, 32, 32)) < 0.3
+    right = ~left & (rng.random((6, 32, 32)) < 0.3)
+    opacity = left & (rng.random((6, 32, 32)) < 0.5) if overlap else ~(left | right) & (
+        rng.random((6, 32, 32)) < 0.2)
+    stack = seg_module._segment_stack(LungMasks(left=left, right=right), opacity)
+    numbers = np.array([1, 2, 3])
+    binary = hd.seg.SegmentationTypeValues.BINARY
+    ours = seg_module._Segmentation._check_and_cast_pixel_array(stack, numbers, binary, np.uint8)
+    theirs = hd.seg.Segmentation._check_and_cast_pixel_array(stack, numbers, binary, np.uint8)
+    assert ours[1] == theirs[1] == (hd.seg.SegmentsOverlapValues.YES if overlap
+                                    else hd.seg.SegmentsOverlapValues.NO)
+    assert ours[0] is stack
