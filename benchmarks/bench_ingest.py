@@ -6,7 +6,15 @@ four concurrent senders, with and without TCP_NODELAY on the DCMTK side, for
 SQLite and PostgreSQL, plus the node's own SCU delivering into Orthanc next to
 storescu doing the same.
 
-    .venv/bin/python benchmarks/bench_ingest.py [--studies 3 --slices 240]
+Durability differs between the peers and is printed with the figures: Orthanc
+1.10.1 never fsyncs the files of its storage area (it has no option for it),
+while the node's default (``[storage] fsync = true``) flushes every file
+before acknowledging it.  Each node case therefore runs twice: with
+``fsync = false`` (what Orthanc does: an acknowledged instance survives a crash
+of the receiving process, not a power loss) and with the default.  The 4-sender
+cases also run with ``[dicom] receivers = --receivers`` processes.
+
+    .venv/bin/python benchmarks/bench_ingest.py [--studies 3 --slices 240 --receivers 2]
 """
 
 from __future__ import annotations
@@ -72,14 +80,18 @@ def storescu_time(dirs: list[Path], port: int, aet: str, nodelay: bool) -> float
 
 
 @contextmanager
-def lungnode(tmp: Path, db_url: str, orthanc: Orthanc | None = None) -> Iterator[tuple[int, str]]:
+def lungnode(tmp: Path, db_url: str, orthanc: Orthanc | None = None, *, fsync: bool | None = None,
+             receivers: int | None = None) -> Iterator[tuple[int, str]]:
+    """``lungnode serve`` with its defaults except where given (None: the default)."""
     port = free_port()
     peers = [("STORESCU", 104)]
     cfg = tmp / f"node-{uuid.uuid4().hex[:6]}.toml"
     lines = [
         "log_level = 'WARNING'",
         "[dicom]", "host = '127.0.0.1'", f"port = {port}", "max_associations = 16",
+        *([f"receivers = {receivers}"] if receivers is not None else []),
         "[storage]", f"root = '{tmp / ('storage-' + cfg.stem)}'", "min_free_mb = 100",
+        *([f"fsync = {str(fsync).lower()}"] if fsync is not None else []),
         "[database]", f"url = '{db_url}'",
         "[completion]", "stable_seconds = 100000",
         "[worker]", "count = 0",
@@ -109,11 +121,22 @@ def lungnode(tmp: Path, db_url: str, orthanc: Orthanc | None = None) -> Iterator
 
 
 def node_count(db_url: str) -> int:
+    """Instances recorded by the node; checks that the study counters agree."""
     eng = sa.create_engine(db_url)
     with eng.connect() as c:
         n = int(c.exec_driver_sql("SELECT count(*) FROM instances").scalar() or 0)
+        counted = int(c.exec_driver_sql("SELECT sum(instance_count) FROM studies").scalar() or 0)
     eng.dispose()
+    assert counted == n, f"study counters say {counted}, instance rows {n}"
     return n
+
+
+def _pg_setting(name: str) -> str:
+    try:
+        with sa.create_engine(PG).connect() as c:
+            return str(c.exec_driver_sql(f"SHOW {name}").scalar())
+    except sa.exc.OperationalError:
+        return "(PostgreSQL not reachable)"
 
 
 def fresh_pg_schema() -> str:
@@ -128,6 +151,8 @@ def main() -> None:
     ap.add_argument("--studies", type=int, default=3)
     ap.add_argument("--slices", type=int, default=240)
     ap.add_argument("--skip-postgres", action="store_true")
+    ap.add_argument("--receivers", type=int, default=2,
+                    help="[dicom] receivers for the extra 4-sender rows")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="lungnode-bench-"))
     try:
@@ -146,22 +171,30 @@ def main() -> None:
                 assert count == n, f"Orthanc holds {count} of {n}"
             return t
 
-        def node_run(dirs: list[Path], nodelay: bool, db_url: str) -> float:
-            with lungnode(tmp, db_url) as (port, _):
+        def node_run(dirs: list[Path], nodelay: bool, db_url: str, fsync: bool | None,
+                     receivers: int | None = None) -> float:
+            with lungnode(tmp, db_url, fsync=fsync, receivers=receivers) as (port, _):
                 t = storescu_time(dirs, port, "LUNGNODE", nodelay)
             count = node_count(db_url)
             assert count == n, f"node recorded {count} of {n}"
             return t
 
-        cases = [("1 sender, TCP_NODELAY=1", one, True), ("4 senders, TCP_NODELAY=1", four, True),
-                 ("1 sender, no TCP_NODELAY", one, False)]
-        for label, dirs, nodelay in cases:
+        def sqlite_url() -> str:
+            return f"sqlite:///{tmp / ('n-' + uuid.uuid4().hex[:6] + '.db')}"
+
+        dbs = [("SQLite", sqlite_url)] + ([] if args.skip_postgres else [("PostgreSQL", fresh_pg_schema)])
+        cases = [("1 sender, TCP_NODELAY=1", one, True, [None]),
+                 ("4 senders, TCP_NODELAY=1", four, True, [None, args.receivers]),
+                 ("1 sender, no TCP_NODELAY", one, False, [None])]
+        for label, dirs, nodelay, receiver_counts in cases:
             t_o = orthanc_run(dirs, nodelay)
-            t_n = node_run(dirs, nodelay, f"sqlite:///{tmp / ('n-' + uuid.uuid4().hex[:6] + '.db')}")
-            rows.append((f"{label}, SQLite", t_o, t_n))
-            if not args.skip_postgres and nodelay:
-                t_p = node_run(dirs, nodelay, fresh_pg_schema())
-                rows.append((f"{label}, PostgreSQL", t_o, t_p))
+            for db_name, url in dbs if nodelay else dbs[:1]:
+                for receivers in receiver_counts:
+                    procs = "" if receivers is None else f", {receivers} receivers"
+                    for fsync in ((False, None) if nodelay else (None,)):
+                        how = "fsync=true (default)" if fsync is None else "fsync=false"
+                        t_n = node_run(dirs, nodelay, url(), fsync, receivers)
+                        rows.append((f"{label}, {db_name}{procs}, {how}", t_o, t_n))
 
         # the node as sender: `lungnode send` into Orthanc vs storescu into Orthanc
         with Orthanc(tmp / "orthanc-send", tcp_nodelay=True) as o:
@@ -174,9 +207,18 @@ def main() -> None:
             t_send = time.perf_counter() - t1
             assert len(o.get("/instances")) == n
 
-        print(f"\n{'case':45} {'Orthanc inst/s':>15} {'node inst/s':>12} {'node/Orthanc time':>18}")
+        w = 66
+        print(f"\n{'case':{w}} {'Orthanc inst/s':>15} {'node inst/s':>12} {'node/Orthanc time':>18}")
         for label, t_o, t_n in rows:
-            print(f"{label:45} {n / t_o:15.0f} {n / t_n:12.0f} {t_n / t_o:18.2f}")
+            print(f"{label:{w}} {n / t_o:15.0f} {n / t_n:12.0f} {t_n / t_o:18.2f}")
+        print("every run checked: all instances in Orthanc's index / the node's database "
+              "(rows and study counters)")
+        print("durability: Orthanc 1.10.1 writes storage files without fsync (no option), its "
+              "SQLite index with synchronous=NORMAL;\n  node fsync=false: file renamed and row "
+              "committed before the ack, no flush (survives a crash of the node, not a power "
+              "loss);\n  node fsync=true (the default): each file also flushed to the device "
+              "before the ack; SQLite WAL synchronous=NORMAL, PostgreSQL synchronous_commit="
+              + _pg_setting("synchronous_commit"))
         head = f"{'storescu inst/s':>15} {'node inst/s':>12} {'node/storescu time':>18}"
         print(f"\n{'sender into Orthanc':45} {head}")
         print(f"{'1 association, TCP_NODELAY=1 for Orthanc':45} {n / t_scu:15.0f} {n / t_send:12.0f} "

@@ -8,10 +8,12 @@ and one update.
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import bindparam, insert, select, update
 from sqlalchemy.engine import Connection, Engine
@@ -33,6 +35,22 @@ _INSERT_INSTANCE = insert(Instance)
 _BUMP_STUDY = update(Study).where(Study.id == bindparam("row_id")).values(
     instance_count=Study.instance_count + 1, last_received_at=bindparam("b_now"),
     updated_at=bindparam("b_now"))
+_INSTANCE_COLUMNS = ("series_id, study_id, sop_instance_uid, sop_class_uid, transfer_syntax_uid, "
+                     "path, size_bytes, calling_ae, received_at")
+_SQLITE_INSERT = f"INSERT INTO instances ({_INSTANCE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+_SQLITE_BUMP_STUDY = ("UPDATE studies SET instance_count = instance_count + 1, "
+                      "last_received_at = ?, updated_at = ? WHERE id = ?")
+_SQLITE_BUMP_SERIES = "UPDATE series SET instance_count = instance_count + 1 WHERE id = ?"
+_PG_RECORD = (
+    # one statement; the series row is updated only after the study row (its FROM
+    # needs the study update's row), the order the Core path uses too, so that
+    # concurrent writers cannot deadlock
+    f"WITH i AS (INSERT INTO instances ({_INSTANCE_COLUMNS}) "
+    "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s) RETURNING study_id, series_id), "
+    "s AS (UPDATE studies SET instance_count = instance_count + 1, last_received_at = %s, "
+    "updated_at = %s FROM i WHERE studies.id = i.study_id RETURNING i.series_id) "
+    "UPDATE series SET instance_count = instance_count + 1 FROM s WHERE series.id = s.series_id"
+)
 _BUMP_SERIES = update(Series).where(Series.id == bindparam("row_id")).values(
     instance_count=Series.instance_count + 1)
 
@@ -59,6 +77,9 @@ class Catalog:
         self._lock = threading.Lock()
         self._study_ids: dict[str, int] = {}
         self._series_ids: dict[str, int] = {}
+        self._sqlite = self._engine.dialect.name == "sqlite"
+        self._integrity_error: type[Exception] = self._engine.dialect.loaded_dbapi.IntegrityError
+        self._raw_pool: queue.Queue[Any] = queue.Queue()
 
     def has_instance(self, sop_instance_uid: str) -> bool:
         with self._engine.connect() as conn:
@@ -94,12 +115,20 @@ class Catalog:
     def record_instance(self, rec: InstanceRecord, now: datetime | None = None) -> bool:
         """Insert the instance and bump its study's and series' counters.
 
-        One short transaction of Core statements (this runs once per received
-        instance; the ORM would triple its cost).  Returns ``False`` when the SOP
-        Instance UID was already recorded (a repeated C-STORE is acknowledged
-        but not counted twice).
+        One short transaction (this runs once per received instance).  Once the
+        study and series are known, it is plain SQL on a DBAPI connection kept
+        for the purpose (:meth:`_record_fast`); the first instance of a series
+        goes through SQLAlchemy Core, which creates the study and series rows.
+        Returns ``False`` when the SOP Instance UID was already recorded (a
+        repeated C-STORE is acknowledged but not counted twice).
         """
         now = now or utcnow()
+        study_id = self._study_ids.get(rec.study_instance_uid)
+        series_id = self._series_ids.get(rec.series_instance_uid)
+        if study_id is not None and series_id is not None:
+            fresh = self._record_fast(rec, study_id, series_id, now)
+            if fresh is not None:
+                return fresh
         for attempt in range(3):
             try:
                 with self._engine.begin() as conn:
@@ -131,6 +160,81 @@ class Catalog:
                 self._series_ids[rec.series_instance_uid] = series_id
             return True
         return False  # pragma: no cover - the loop returns or raises
+
+    def _record_fast(self, rec: InstanceRecord, study_id: int, series_id: int,
+                     now: datetime) -> bool | None:
+        """The instance row and both counters in one transaction of plain SQL.
+
+        SQLite: ``BEGIN IMMEDIATE``, three statements, ``COMMIT`` (WAL mode).
+        PostgreSQL: one statement (``WITH ... INSERT ... UPDATE``) in autocommit,
+        one round trip.  ``None`` when it hit a constraint other than a repeated
+        SOP Instance UID (a study deleted meanwhile): the caller takes the slow
+        path, which re-creates the study and series.
+        """
+        params = (series_id, study_id, rec.sop_instance_uid, rec.sop_class_uid,
+                  rec.transfer_syntax_uid, rec.relative_path, rec.size_bytes, rec.calling_ae)
+        conn = self._raw_connection()
+        try:
+            if self._sqlite:
+                stamp = now.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f")
+                cur = conn.cursor()
+                try:
+                    cur.execute("BEGIN IMMEDIATE")
+                    try:
+                        cur.execute(_SQLITE_INSERT, (*params, stamp))
+                        cur.execute(_SQLITE_BUMP_STUDY, (stamp, stamp, study_id))
+                        cur.execute(_SQLITE_BUMP_SERIES, (series_id,))
+                    except BaseException:
+                        cur.execute("ROLLBACK")
+                        raise
+                    cur.execute("COMMIT")
+                finally:
+                    cur.close()
+            else:
+                with conn.cursor() as cur:
+                    cur.execute(_PG_RECORD, (*params, now, now, now))
+        except self._integrity_error:
+            self._release(conn)
+            if self.has_instance(rec.sop_instance_uid):
+                return False
+            self.forget()
+            return None
+        except BaseException:
+            self._discard(conn)
+            raise
+        self._release(conn)
+        return True
+
+    def _raw_connection(self) -> Any:
+        try:
+            return self._raw_pool.get_nowait()
+        except queue.Empty:
+            pass
+        conn = self._engine.raw_connection()
+        if not self._sqlite:
+            conn.driver_connection.autocommit = True
+        return conn
+
+    def _discard(self, conn: Any) -> None:
+        """Hand a connection back to the engine's pool as the engine expects it."""
+        if not self._sqlite and not conn.driver_connection.closed:
+            conn.driver_connection.autocommit = False
+        conn.close()
+
+    def _release(self, conn: Any) -> None:
+        if self._raw_pool.qsize() < 4:
+            self._raw_pool.put(conn)
+        else:
+            self._discard(conn)
+
+    def close(self) -> None:
+        """Return the connections kept for :meth:`_record_fast` to the engine's pool."""
+        while True:
+            try:
+                conn = self._raw_pool.get_nowait()
+            except queue.Empty:
+                return
+            self._discard(conn)
 
     def record_refusal(self, study_uid: str | None, action: str, detail: str) -> None:
         """Record a refused instance or association on its study (when known)."""

@@ -64,6 +64,9 @@ class DicomSettings(_Section):
     network_timeout: float = 60.0
     max_pdu: int = Field(131072, ge=0)
     """Maximum PDU size the node receives (0 means unlimited)."""
+    receivers: int = Field(1, ge=0)
+    """Processes that receive (C-STORE) on the port, sharing it with ``SO_REUSEPORT``;
+    1: the listener runs in the ``serve`` process itself; 0: one per CPU core."""
 
     _ae = field_validator("ae_title")(classmethod(lambda cls, v: _check_ae_title(v)))
 

@@ -10,10 +10,12 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import psutil
 import pydicom
 import pytest
 from pynetdicom import AE
@@ -207,3 +209,93 @@ def test_sigkill_during_receive_and_during_job(tmp_path: Path, db_url: str,
         received = [p for p in out.rglob("*") if p.is_file()]
         uids = [str(pydicom.dcmread(p).SOPInstanceUID) for p in received]
         assert len(uids) == len(set(uids)) == 3
+
+
+def _receiver_pids(serve_pid: int) -> list[int]:
+    """The serve process's receiver children (not multiprocessing's resource tracker)."""
+    return [c.pid for c in psutil.Process(serve_pid).children()
+            if "resource_tracker" not in " ".join(c.cmdline())]
+
+
+def _send_in_parallel(port: int, parts: list[list[Path]]) -> list[str]:
+    acked: list[list[str]] = [[] for _ in parts]
+
+    def send(i: int) -> None:
+        acked[i] = _send_acknowledged(port, parts[i])
+
+    threads = [threading.Thread(target=send, args=(i,)) for i in range(len(parts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    return [uid for part in acked for uid in part]
+
+
+@pytest.mark.slow
+def test_receiver_processes_survive_sigkill_and_stop_with_serve(
+        tmp_path: Path, db_url: str, serve_factory: Callable[[Path], ServeProcess]) -> None:
+    port = free_port()
+    config = write_config(tmp_path / "lungnode.toml", {
+        "dicom": {"host": "127.0.0.1", "port": port, "receivers": 2},
+        "storage": {"root": "storage", "min_free_mb": 1},
+        "database": {"url": db_url},
+        "completion": {"stable_seconds": 1.0, "poll_seconds": 0.2},
+        "worker": {"count": 0},
+        "web": {"enabled": False},
+    }, [{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": 104}])
+    sessions = make_session_factory(make_engine(db_url))
+    files = sorted(B40F.iterdir())
+    node = serve_factory(config)
+    node.start(port)
+    assert node.proc is not None
+    children = _receiver_pids(node.proc.pid)
+    assert len(children) == 2
+
+    # 1. SIGKILL one receiver while four associations send: what it acknowledged is kept,
+    #    the other receiver and the restarted one go on receiving
+    victim = children[0]
+    parts = [files[i::4] for i in range(4)]
+    killer = threading.Timer(0.3, os.kill, (victim, signal.SIGKILL))
+    killer.start()
+    acked = _send_in_parallel(port, parts)
+    killer.join()
+    storage = tmp_path / "storage"
+    with sessions() as s:
+        rows = {r.sop_instance_uid: r.path for r in s.scalars(select(Instance))}
+    assert set(acked) <= set(rows), "an acknowledged instance is missing from the database"
+    for uid in acked:
+        assert pydicom.dcmread(storage / rows[uid]).SOPInstanceUID == uid
+    _wait(lambda: len(_receiver_pids(node.proc.pid)) == 2  # type: ignore[union-attr]
+          and victim not in _receiver_pids(node.proc.pid), 60, "a new receiver")  # type: ignore[union-attr]
+
+    # 2. the whole series again, in parallel: every instance once, counters right
+    acked = _send_in_parallel(port, parts)
+    assert sorted(acked) == sorted(str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID)
+                                   for f in files)
+    with sessions() as s:
+        assert s.scalar(select(func.count()).select_from(Instance)) == 30
+        study = s.scalars(select(Study)).one()
+        assert study.instance_count == 30
+
+    # 3. the completion tick of the serve process sees the rows the children wrote
+    def queued() -> bool:
+        with sessions() as s:
+            return s.scalar(select(func.count()).select_from(Job)) == 1
+
+    _wait(queued, 30, "the study's job to be queued")
+
+    # 4. SIGTERM: serve stops its receivers and exits; nothing listens any more
+    children = _receiver_pids(node.proc.pid)
+    node.proc.terminate()
+    assert node.proc.wait(30) == 0
+    _wait(lambda: not any(psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"
+                          for p in children), 10, "the receivers to exit")
+    assert _send_acknowledged(port, files[:1]) == []
+
+    # 5. SIGKILL of serve itself: the receivers go with it
+    node.start(port)
+    children = _receiver_pids(node.proc.pid)
+    node.kill()
+    _wait(lambda: not any(psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"
+                          for p in children), 10, "orphaned receivers to exit")
+    assert _send_acknowledged(port, files[:1]) == []
