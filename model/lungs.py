@@ -396,6 +396,14 @@ def _refine(volume: CTVolume, f: int, left_c: np.ndarray, right_c: np.ndarray, t
     return left, right
 
 
+def _anterior_angle(volume: CTVolume) -> float | None:
+    """In-plane angle ``arctan2(row, column)`` of the patient's anterior (-y in LPS), ``None`` if not axial."""
+    ant = -np.array([volume.direction[1, 0], volume.direction[1, 1]])  # patient y along columns, rows
+    if np.hypot(*ant) < 0.5:
+        return None
+    return float(np.arctan2(ant[1], ant[0]))
+
+
 def segment_lungs(volume: CTVolume, *, params: LungParams = LungParams()) -> LungMasks:
     """Segment the left and right lung of a chest CT (method: module docstring).
 
@@ -434,7 +442,8 @@ def segment_lungs(volume: CTVolume, *, params: LungParams = LungParams()) -> Lun
     crop = [p[box] for p in parts]
     crop = fill_along_pleura([_fill_holes(p) for p in crop], small[box], body[box], (sy, sx),
                              bone_hu=params.bone_hu, touch_mm=params.wall_touch_mm,
-                             max_gap_deg=params.max_gap_deg)
+                             max_gap_deg=params.max_gap_deg, slice_mm=volume.spacing[0],
+                             anterior_angle=_anterior_angle(volume))
     radius = max(1, int(round(params.pleura_close_mm / sy)))
     crop = [_fill_holes(p | _padded(ndi.binary_closing, p, radius)) & ~airway[box] for p in crop]
     if len(crop) == 2:  # a voxel both lungs grew into goes to the one whose air it was

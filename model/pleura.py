@@ -21,8 +21,13 @@ a basal crescent stay out), and a ray with no air is not filled.
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
+
 import numpy as np
 from scipy import ndimage as ndi
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["fill_along_pleura"]
 
@@ -37,7 +42,11 @@ def _disk(radius: int) -> np.ndarray:
 
 def fill_along_pleura(parts: list[np.ndarray], hu: np.ndarray, body: np.ndarray,
                       spacing_yx: tuple[float, float], *, bone_hu: float = 250.0,
-                      touch_mm: float = 8.0, max_gap_deg: float = 100.0) -> list[np.ndarray]:
+                      touch_mm: float = 8.0, max_gap_deg: float = 100.0, slice_mm: float = 0.0,
+                      rib_window_mm: float = 14.0, max_depth_mm: float = 60.0,
+                      anterior_angle: float | None = None, anterior_sector_deg: float = 65.0,
+                      posterior_sector_deg: float = 70.0
+                      ) -> list[np.ndarray]:
     """Each lung mask with the dense lung along its chest wall added.
 
     Parameters
@@ -56,6 +65,21 @@ def fill_along_pleura(parts: list[np.ndarray], hu: np.ndarray, body: np.ndarray,
         Air this close to a rib touches the wall (for the air-to-rib gap).
     max_gap_deg:
         Widest dent bridged.
+    slice_mm:
+        Slice interval; ribs of the slices within ``rib_window_mm`` give the wall
+        (ribs cross a slice only in places).  ``0``: this slice's ribs only.
+    rib_window_mm:
+        Half height of that window (ribs repeat every 20-30 mm).
+    max_depth_mm:
+        Deepest fill from the air outline out to the ribs.
+    anterior_angle:
+        In-plane angle (``arctan2(row, column)``) of the patient's anterior
+        direction; rays within ``anterior_sector_deg`` of it are not filled out to
+        the ribs (the anterior mediastinum and the heart lie between the lungs
+        and the front ribs over a wide span).  ``None``: no sector is excluded.
+        Within ``posterior_sector_deg`` of the back, a layer along the ribs
+        next to air against the wall on one side is filled (dependent
+        consolidation often reaches the spine).
 
     Returns
     -------
@@ -90,11 +114,23 @@ def fill_along_pleura(parts: list[np.ndarray], hu: np.ndarray, body: np.ndarray,
         beyond = br > lo.ravel()[bkey]
         r_rib = np.full(n_z * _BINS, np.inf, np.float32)
         np.minimum.at(r_rib, bkey[beyond], br[beyond])
-        hi = _reach(r_out, valid, r_rib.reshape(n_z, _BINS), touch_mm, max_gap)
+        r_rib = r_rib.reshape(n_z, _BINS)
+        window = int(rib_window_mm // slice_mm) if slice_mm > 0 else 0
+        wall = _wall(r_rib, lo, window)
+        one_side = np.zeros(_BINS, dtype=bool)
+        if anterior_angle is not None:
+            centres = mean_ang - np.pi + (np.arange(_BINS) + 0.5) * (2 * np.pi / _BINS)
+            off = np.abs(np.angle(np.exp(1j * (centres - anterior_angle))))
+            wall[:, off < np.deg2rad(anterior_sector_deg)] = np.inf
+            one_side = off > np.deg2rad(180.0 - posterior_sector_deg)
+        hi, to_wall = _reach(r_out, valid, r_rib, wall, touch_mm, max_gap, max_depth_mm, one_side)
         added = np.zeros_like(part)
-        for k in np.nonzero((hi > lo).any(axis=1))[0]:
-            added[k] = (radius > lo[k][tb]) & (radius <= hi[k][tb]) & body[k] & ~bone[k] & ~part[k]
-        out.append(part | ndi.binary_opening(added, structure=thick))
+        along = np.zeros_like(part)
+        for k in np.nonzero((hi > lo).any(axis=1) | (to_wall > lo).any(axis=1))[0]:
+            keep = body[k] & ~bone[k] & ~part[k] & (radius > lo[k][tb])
+            added[k] = keep & (radius <= hi[k][tb])
+            along[k] = keep & (radius <= to_wall[k][tb])
+        out.append(part | ndi.binary_opening(added, structure=thick) | along)
     return out
 
 
@@ -140,14 +176,34 @@ def _envelope(r_out: np.ndarray, valid: np.ndarray, max_gap: int) -> np.ndarray:
     return out
 
 
-def _reach(r_out: np.ndarray, valid: np.ndarray, r_rib: np.ndarray, touch_mm: float,
-           max_gap: int) -> np.ndarray:
-    """Per slice and angle bin: the radius to fill the ray to, ``-inf`` where nothing is filled."""
-    depth = np.full(r_out.shape, np.inf, np.float32)
-    ok = valid & np.isfinite(r_rib)
-    depth[ok] = r_rib[ok] - r_out[ok]
-    touch = depth <= touch_mm
-    gap = float(np.median(depth[touch])) if touch.any() else 0.0
+def _wall(r_rib: np.ndarray, lo: np.ndarray, window: int) -> np.ndarray:
+    """Per slice and angle bin: the innermost rib beyond the air outline within ``window`` slices."""
+    wall = r_rib.copy()
+    n_z = r_rib.shape[0]
+    for d in range(1, window + 1):
+        for src, dst in ((slice(d, n_z), slice(0, n_z - d)), (slice(0, n_z - d), slice(d, n_z))):
+            cand = r_rib[src]
+            ok = cand > lo[dst] + 1.0
+            wall[dst] = np.where(ok & (cand < wall[dst]), cand, wall[dst])
+    return wall
+
+
+def _gap(rib: np.ndarray, r_out: np.ndarray, valid: np.ndarray, touch_mm: float,
+         stat: Callable[[np.ndarray], float]) -> float:
+    """Typical distance from the air outline to a rib where the air touches the wall."""
+    ok = valid & np.isfinite(rib)
+    depth = rib[ok] - r_out[ok]
+    depth = depth[depth <= touch_mm]
+    return float(stat(depth)) if depth.size else 0.0
+
+
+def _reach(r_out: np.ndarray, valid: np.ndarray, r_rib: np.ndarray, wall_rib: np.ndarray, touch_mm: float,
+           max_gap: int, max_depth_mm: float, one_side: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per slice and angle bin: the radius to fill the ray to across dents, and out to the ribs.
+
+    ``-inf`` where nothing is filled.
+    """
+    gap = _gap(r_rib, r_out, valid, touch_mm, np.median)
     hi = np.full(r_out.shape, -np.inf, np.float32)
     for k in np.nonzero(valid.sum(axis=1) >= 2)[0]:
         hull = _envelope(r_out[k], valid[k], max_gap)
@@ -156,4 +212,34 @@ def _reach(r_out: np.ndarray, valid: np.ndarray, r_rib: np.ndarray, touch_mm: fl
         reach = np.where(ribs, np.maximum(hull, wall), hull)
         dent = hull - np.where(valid[k], r_out[k], np.inf)
         hi[k] = np.where(dent > 1.5, reach, -np.inf)
-    return hi
+    # a crescent of dense lung along the wall shrinks the air outline without a dent: where the
+    # air stops short of the ribs (of this or nearby slices), the lung reaches out to them
+    # (a layer thinner than the opening above is kept: stray rays are removed along the angle)
+    wall_gap = _gap(wall_rib, r_out, valid, touch_mm, lambda d: np.percentile(d, 25))
+    logger.debug("air-to-rib gap %.1f mm in the slice, %.1f mm to the nearest rib", gap, wall_gap)
+    wall = wall_rib - wall_gap
+    short = valid & np.isfinite(wall_rib) & (wall - r_out > 3.0) & (wall_rib - r_out < max_depth_mm)
+    near = valid & np.isfinite(wall_rib) & (wall - r_out <= 1.5)
+    short = _bridged(ndi.binary_opening(short, structure=np.ones((1, 5), dtype=bool)), near, reach=6, one_side=one_side)
+    return hi, np.where(short, wall, -np.inf)
+
+
+def _bridged(short: np.ndarray, near: np.ndarray, reach: int, one_side: np.ndarray) -> np.ndarray:
+    """Runs of ``short`` bins (per slice) with air against the wall within ``reach`` bins on both sides.
+
+    Dense lung along the wall lies between places where the air lung touches
+    it; where the outline leaves the wall for good (the apex inside the first
+    ribs, the mediastinum) nothing is bridged.  In the bins flagged
+    ``one_side`` (the back, where dependent consolidation reaches the spine)
+    air against the wall on one side suffices.
+    """
+    out = np.zeros_like(short)
+    nb = short.shape[1]
+    for k in np.nonzero(short.any(axis=1))[0]:
+        lab, n = ndi.label(short[k])
+        for i, sl in enumerate(ndi.find_objects(lab), start=1):
+            a, b = sl[0].start, sl[0].stop
+            before, after = near[k, max(0, a - reach):a].any(), near[k, b:min(nb, b + reach)].any()
+            if (before and after) or ((before or after) and one_side[a:b].mean() > 0.5):
+                out[k, a:b] = lab[a:b] == i
+    return out

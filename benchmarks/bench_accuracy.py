@@ -1,0 +1,156 @@
+"""Accuracy of lung segmentation and opacity measurement against ground truth.
+
+Synthetic studies from :mod:`training.synth` (known lung and disease masks),
+over a seed set spanning 0-80 % involvement, 1-5 mm slices, smooth and sharp
+kernels and both coverage modes: prints per study the Dice of each lung, the
+true and measured percentage of opacity (PO) and high opacity (PHO), the true
+and measured MosMedData category, then the summary against the floors of the
+quantification issue (Dice >= 0.97 per lung, |PO error| <= 3 points, category
+right in >= 90 % of studies).
+
+The real study (``tests/data/ct``: one patient, a sharp B70f and a smooth B40f
+series) is analysed one series at a time: lung volumes and PO of both kernels
+side by side, the relative volume difference and the PO difference (floors:
+5 % and 2 points).
+
+    .venv/bin/python benchmarks/bench_accuracy.py [--rows 256] [--seeds 20] [--jobs 2]
+
+``--rows 512`` runs the synthetic studies at full matrix (slower).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+DICE_FLOOR, PO_ERROR_CEILING, CATEGORY_FLOOR = 0.97, 3.0, 0.90
+KERNEL_VOLUME_CEILING, KERNEL_PO_CEILING = 0.05, 2.0
+
+
+@dataclass(frozen=True)
+class Case:
+    seed: int
+    involvement: float
+    thickness_mm: float
+    kernel: str
+    rows: int
+
+
+def seed_set(n: int, rows: int) -> list[Case]:
+    """``n`` cases: involvement evenly over 0-80 %, slice thickness cycling 1-5 mm, kernels alternating."""
+    thicknesses = (1.0, 2.5, 5.0, 1.5, 3.0)
+    kernels = ("B40f", "B70f")
+    return [Case(seed=100 + i, involvement=round(0.8 * i / max(n - 1, 1), 3),
+                 thickness_mm=thicknesses[i % len(thicknesses)], kernel=kernels[(i // 2) % 2], rows=rows)
+            for i in range(n)]
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    both = int(np.count_nonzero(a & b))
+    return 2.0 * both / max(int(np.count_nonzero(a)) + int(np.count_nonzero(b)), 1)
+
+
+def run_case(case: Case) -> dict[str, float | str]:
+    """Generate one phantom, segment and quantify it; return truth and measurement."""
+    from model.lungs import segment_lungs
+    from model.quantify import category_for, quantify
+    from model.volume import CTVolume
+    from training import SynthSpec, make_phantom
+
+    ph = make_phantom(SynthSpec(seed=case.seed, involvement=case.involvement, kernel=case.kernel,
+                                rows=case.rows, slice_thickness_mm=case.thickness_mm))
+    volume = CTVolume(hu=ph.hu, spacing=ph.spacing, origin=ph.origin, direction=np.eye(3),
+                      series_instance_uid="2.25.1", sop_instance_uids=tuple(f"2.25.1.{i}" for i in
+                                                                             range(len(ph.hu))),
+                      slice_thickness=ph.spacing[0], kernel=case.kernel)
+    t0 = time.perf_counter()
+    masks = segment_lungs(volume)
+    q = quantify(volume, masks)
+    seconds = time.perf_counter() - t0
+    lungs = ph.left_lung | ph.right_lung
+    n = max(int(np.count_nonzero(lungs)), 1)
+    true_po = 100.0 * np.count_nonzero((ph.ground_glass | ph.consolidation) & lungs) / n
+    true_pho = 100.0 * np.count_nonzero(ph.consolidation & lungs) / n
+    return {
+        "seed": case.seed, "involvement": case.involvement, "thickness": case.thickness_mm,
+        "kernel": case.kernel, "slices": int(ph.hu.shape[0]),
+        "dice_left": dice(masks.left, ph.left_lung), "dice_right": dice(masks.right, ph.right_lung),
+        "true_po": true_po, "po": q.total.percent_opacity,
+        "true_pho": true_pho, "pho": q.total.percent_high_opacity,
+        "true_cat": category_for(true_po), "cat": q.severity_category, "seconds": seconds,
+    }
+
+
+def real_study() -> list[str]:
+    """Both kernels of the real study; lines to print."""
+    from model.lungs import segment_lungs
+    from model.quantify import quantify
+    from model.volume import load_series
+
+    found = {}
+    for folder in sorted(p for p in (REPO / "tests" / "data" / "ct").rglob("series-*") if p.is_dir()):
+        files = sorted(folder.glob("*.dcm"))
+        if not files:
+            continue
+        volume = load_series(files)
+        masks = segment_lungs(volume)
+        q = quantify(volume, masks)
+        found[volume.kernel or folder.name] = q
+    lines = [f"{'kernel':>8} {'left ml':>8} {'right ml':>8} {'total ml':>9} {'PO %':>6} {'PHO %':>6}"]
+    for kernel, q in found.items():
+        lines.append(f"{kernel:>8} {q.left.volume_ml:8.0f} {q.right.volume_ml:8.0f} {q.total.volume_ml:9.0f} "
+                     f"{q.total.percent_opacity:6.2f} {q.total.percent_high_opacity:6.2f}")
+    if len(found) == 2:
+        a, b = found.values()
+        dv = abs(a.total.volume_ml - b.total.volume_ml) / max(a.total.volume_ml, b.total.volume_ml)
+        dpo = abs(a.total.percent_opacity - b.total.percent_opacity)
+        dl = abs(a.left.volume_ml - b.left.volume_ml) / max(a.left.volume_ml, b.left.volume_ml)
+        dr = abs(a.right.volume_ml - b.right.volume_ml) / max(a.right.volume_ml, b.right.volume_ml)
+        lines.append(f"kernel agreement: total volume {100 * dv:.1f} % (left {100 * dl:.1f} %, right "
+                     f"{100 * dr:.1f} %; floor {100 * KERNEL_VOLUME_CEILING:.0f} %), PO {dpo:.2f} points "
+                     f"(floor {KERNEL_PO_CEILING:g})  "
+                     f"{'OK' if dv <= KERNEL_VOLUME_CEILING and dpo <= KERNEL_PO_CEILING else 'FAIL'}")
+    return lines
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rows", type=int, default=256)
+    ap.add_argument("--seeds", type=int, default=20)
+    ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument("--no-real", action="store_true")
+    args = ap.parse_args()
+    cases = seed_set(args.seeds, args.rows)
+    print(f"{'seed':>4} {'inv':>5} {'mm':>4} {'kernel':>6} {'slices':>6} {'Dice L':>7} {'Dice R':>7} "
+          f"{'PO true':>7} {'PO':>6} {'err':>6} {'PHO true':>8} {'PHO':>6} {'cat':>9} {'s':>5}")
+    with ProcessPoolExecutor(max_workers=args.jobs) as pool:
+        rows = list(pool.map(run_case, cases))
+    for r in rows:
+        err = float(r["po"]) - float(r["true_po"])
+        print(f"{r['seed']:4d} {r['involvement']:5.2f} {r['thickness']:4.1f} {r['kernel']:>6} {r['slices']:6d} "
+              f"{r['dice_left']:7.3f} {r['dice_right']:7.3f} {r['true_po']:7.2f} {r['po']:6.2f} {err:+6.2f} "
+              f"{r['true_pho']:8.2f} {r['pho']:6.2f} {r['true_cat']:>4}/{r['cat']:<4} {r['seconds']:5.1f}")
+    dmin = min(min(float(r["dice_left"]), float(r["dice_right"])) for r in rows)
+    errs = np.array([abs(float(r["po"]) - float(r["true_po"])) for r in rows])
+    cats = float(np.mean([r["cat"] == r["true_cat"] for r in rows]))
+    print(f"\n{len(rows)} studies, {args.rows}x{args.rows}: lowest Dice per lung {dmin:.3f} (floor {DICE_FLOOR}); "
+          f"|PO error| max {errs.max():.2f}, mean {errs.mean():.2f} points (ceiling {PO_ERROR_CEILING:g}); "
+          f"category right {100 * cats:.0f} % (floor {100 * CATEGORY_FLOOR:.0f} %)  "
+          f"{'OK' if dmin >= DICE_FLOOR and errs.max() <= PO_ERROR_CEILING and cats >= CATEGORY_FLOOR else 'FAIL'}")
+    if not args.no_real:
+        print("\nreal study, tests/data/ct (one patient, two kernels):")
+        for line in real_study():
+            print(line)
+
+
+if __name__ == "__main__":
+    main()
