@@ -8,6 +8,11 @@ peer acknowledged it, so a destination that was down receives everything once
 it is back and nothing twice after success.  (Should the node die between a
 peer's acknowledgement and that commit, the object is sent again after the
 restart; the receiving PACS sees the same SOP Instance UID and keeps one copy.)
+
+:func:`send_files` (deliveries and ``lungnode send``) sends files as stored:
+the file meta is read by hand, the C-STORE command set and the PDUs go straight
+to the association's socket and the data set is never decoded; pynetdicom
+negotiates, reads the responses and releases (:class:`_DirectStore`).
 """
 
 from __future__ import annotations

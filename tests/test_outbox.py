@@ -212,15 +212,14 @@ def test_read_stored_file_agrees_with_pydicom(many_syntaxes: list[Path], tmp_pat
 
 
 def test_command_set_is_what_pynetdicom_encodes() -> None:
+    sop_class, sop_instance = "1.2.840.10008.5.1.4.1.1.2", "1.2.3.45"  # odd: padded with NUL
     req = C_STORE()
     req.MessageID, req.Priority = 65535, 2
-    req.AffectedSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
-    req.AffectedSOPInstanceUID = "1.2.3.45"  # odd length: padded with NUL
+    req.AffectedSOPClassUID, req.AffectedSOPInstanceUID = sop_class, sop_instance
     req.DataSet = BytesIO(b"\x00" * 8)
     msg = C_STORE_RQ()
     msg.primitive_to_message(req)
-    assert c_store_command(req.AffectedSOPClassUID, req.AffectedSOPInstanceUID, 65535) == \
-        encode(msg.command_set, True, True)
+    assert c_store_command(sop_class, sop_instance, 65535) == encode(msg.command_set, True, True)
 
 
 @pytest.mark.parametrize("max_pdu", [4096, 131072])
@@ -279,12 +278,16 @@ class _RecordingSCP:
         ae.maximum_pdu_size = max_pdu
         ae.add_supported_context(CTImageStorage, ALL_TRANSFER_SYNTAXES)
         self.port = free_port()
-        self.server = ae.start_server(("127.0.0.1", self.port), block=False,
-                                      evt_handlers=[(evt.EVT_C_STORE, self._store)])
+        server = ae.start_server(("127.0.0.1", self.port), block=False,
+                                 evt_handlers=[(evt.EVT_C_STORE, self._store)])
+        assert server is not None
+        self.server = server
 
     def _store(self, event: evt.Event) -> int:
-        self.message_ids.append(int(event.request.MessageID))
-        self.datasets.append(event.request.DataSet.getvalue())
+        req = event.request
+        assert isinstance(req, C_STORE) and req.DataSet is not None
+        self.message_ids.append(int(req.MessageID or 0))
+        self.datasets.append(req.DataSet.getvalue())
         time.sleep(self.delay)
         return 0x0000
 
