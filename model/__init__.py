@@ -15,7 +15,7 @@ from model.quantify import (
     category_for,
     quantify,
 )
-from model.volume import CTVolume, load_series
+from model.volume import CTVolume, load_series, load_series_with_headers
 
 __all__ = [
     "CLASS_NAMES",
@@ -32,6 +32,7 @@ __all__ = [
     "VolumeError",
     "category_for",
     "load_series",
+    "load_series_with_headers",
     "quantify",
     "segment_lungs",
 ]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
@@ -13,9 +12,7 @@ from pydicom.encaps import encapsulate, generate_frames
 from pydicom.uid import ImplicitVRLittleEndian, RLELossless, generate_uid
 
 from model.errors import VolumeError
-from model.lungs import LungMasks
 from model.volume import load_series, load_series_with_headers, read_headers, sort_headers
-from node.reports import seg as seg_module
 from tests.conftest import B40F
 
 COUNT = 12
@@ -141,20 +138,3 @@ def test_undecodable_pixel_data_names_the_sop(tmp_path: Path) -> None:
     paths = _series(tmp_path, "broken", edit)
     with pytest.raises(VolumeError, match=f"cannot decode pixel data of SOP {bad[0]}"):
         load_series(paths)
-
-
-@pytest.mark.parametrize("overlap", [False, True])
-def test_seg_overlap_check_agrees_with_highdicom(overlap: bool) -> None:
-    rng = np.random.default_rng(5)
-    left = rng.random((6, 32, 32)) < 0.3
-    right = ~left & (rng.random((6, 32, 32)) < 0.3)
-    opacity = left & (rng.random((6, 32, 32)) < 0.5) if overlap else ~(left | right) & (
-        rng.random((6, 32, 32)) < 0.2)
-    stack = seg_module._segment_stack(LungMasks(left=left, right=right), opacity)
-    numbers = np.array([1, 2, 3])
-    binary = hd.seg.SegmentationTypeValues.BINARY
-    ours = seg_module._Segmentation._check_and_cast_pixel_array(stack, numbers, binary, np.uint8)
-    theirs = hd.seg.Segmentation._check_and_cast_pixel_array(stack, numbers, binary, np.uint8)
-    assert ours[1] == theirs[1] == (hd.seg.SegmentsOverlapValues.YES if overlap
-                                    else hd.seg.SegmentsOverlapValues.NO)
-    assert ours[0] is stack
