@@ -128,8 +128,12 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=20)
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--no-real", action="store_true")
+    ap.add_argument("--only", help="comma-separated seeds of the set to run (a quick look)")
     args = ap.parse_args()
     cases = seed_set(args.seeds, args.rows)
+    if args.only:
+        keep = {int(v) for v in args.only.split(",")}
+        cases = [c for c in cases if c.seed in keep]
     print(f"{'seed':>4} {'inv':>5} {'mm':>4} {'kernel':>6} {'slices':>6} {'Dice L':>7} {'Dice R':>7} "
           f"{'PO true':>7} {'PO':>6} {'err':>6} {'PHO true':>8} {'PHO':>6} {'cat':>9} {'s':>5}")
     with ProcessPoolExecutor(max_workers=args.jobs) as pool:

@@ -44,10 +44,11 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from model.errors import SegmentationError
-from model.pleura import fill_along_pleura
+from model.pleura import close_radially, fill_along_pleura
 from model.volume import CTVolume
 
-__all__ = ["LungMasks", "LungParams", "block_mean", "segment_lungs", "upsample_mask", "work_grid_factors"]
+__all__ = ["LungMasks", "LungParams", "block_mean", "expand_slices", "segment_lungs", "slice_group", "upsample_mask",
+           "work_grid_factors"]
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +77,8 @@ class LungParams:
 
     grid_mm: float = 2.0
     """In-plane voxel size of the reduced grid used for connectivity."""
+    slice_grid_mm: float = 2.5
+    """Thinner slices are averaged in groups to about this thickness on the reduced grid."""
     smooth_px: float = 0.7
     """In-plane Gaussian sigma on the reduced grid, in its voxels."""
     air_hu: float = -400.0
@@ -109,18 +112,36 @@ def work_grid_factors(spacing: tuple[float, float, float], grid_mm: float) -> in
     return max(1, int(round(grid_mm / max(spacing[1], spacing[2]))))
 
 
-def block_mean(hu: np.ndarray, f: int) -> np.ndarray:
-    """Mean over ``f x f`` in-plane blocks (float32), cropping the remainder."""
-    if f == 1:
+def block_mean(hu: np.ndarray, f: int, fz: int = 1) -> np.ndarray:
+    """Mean over ``f x f`` in-plane blocks and groups of ``fz`` slices (float32).
+
+    The in-plane remainder is cropped; a last group of fewer slices is the mean
+    of those it has.
+    """
+    if f == 1 and fz == 1:
         return hu.astype(np.float32)
     z, y, x = hu.shape
     y2, x2 = (y // f) * f, (x // f) * f
-    out = np.zeros((z, y2 // f, x2 // f), dtype=np.float32)
-    for i in range(f):  # f * f strided adds: no full-size float copy of the volume
-        for j in range(f):
-            out += hu[:, i:y2:f, j:x2:f]
-    out *= 1.0 / (f * f)
+    nz = -(-z // fz)
+    out = np.zeros((nz, y2 // f, x2 // f), dtype=np.float32)
+    for k in range(nz):  # slab by slab: no full-size float copy of the volume
+        slab = hu[k * fz:(k + 1) * fz]
+        acc = out[k]
+        for i in range(f):
+            for j in range(f):
+                acc += slab[:, i:y2:f, j:x2:f].sum(axis=0, dtype=np.float32)
+        acc *= 1.0 / (f * f * slab.shape[0])
     return out
+
+
+def slice_group(spacing_z: float, slice_grid_mm: float) -> int:
+    """How many slices the reduced grid averages (1 for slices of ``slice_grid_mm`` or thicker)."""
+    return max(1, int(round(slice_grid_mm / max(spacing_z, 1e-3))))
+
+
+def expand_slices(mask: np.ndarray, fz: int, n: int) -> np.ndarray:
+    """Repeat each slice of a reduced mask ``fz`` times, cut to ``n`` slices."""
+    return mask if fz == 1 else mask.repeat(fz, axis=0)[:n]
 
 
 def upsample_mask(mask: np.ndarray, f: int, shape: tuple[int, ...]) -> np.ndarray:
@@ -368,9 +389,12 @@ def _patient_x(volume: CTVolume, z: float, y: float, x: float, f: int) -> float:
     return float(volume.origin[0] + (volume.direction @ ijk)[0])
 
 
-def _refine(volume: CTVolume, f: int, left_c: np.ndarray, right_c: np.ndarray, taken_c: np.ndarray,
+def _refine(volume: CTVolume, f: int, fz: int, left_c: np.ndarray, right_c: np.ndarray, taken_c: np.ndarray,
             airway_c: np.ndarray, air_hu: float) -> tuple[np.ndarray, np.ndarray]:
-    """Full-resolution masks: the reduced masks, with their outline redrawn on the image."""
+    """Full-resolution masks: the reduced masks, with their outline redrawn on the image.
+
+    Slice ``k`` of the volume takes slice ``k // fz`` of the reduced masks.
+    """
     shape = volume.shape
     left = np.zeros(shape, dtype=bool)
     right = np.zeros(shape, dtype=bool)
@@ -379,18 +403,25 @@ def _refine(volume: CTVolume, f: int, left_c: np.ndarray, right_c: np.ndarray, t
     band = ndi.binary_dilation(both_c, structure=_PLANE) & ~core & ~airway_c
     near_left = ndi.binary_dilation(left_c, structure=_PLANE) & ~right_c
     sigma = 0.5 * f
-    for k in np.nonzero(band.any(axis=(1, 2)))[0]:
-        rows = np.nonzero(band[k].any(axis=1))[0]
-        cols = np.nonzero(band[k].any(axis=0))[0]
+    core_only = core.any(axis=(1, 2)) & ~band.any(axis=(1, 2))
+    for k in range(shape[0]):
+        kc = k // fz
+        if core_only[kc]:
+            left[k] = upsample_mask(core[kc] & near_left[kc], f, shape[1:])
+            right[k] = upsample_mask(core[kc] & ~near_left[kc], f, shape[1:])
+        if not band[kc].any():
+            continue
+        rows = np.nonzero(band[kc].any(axis=1))[0]
+        cols = np.nonzero(band[kc].any(axis=0))[0]
         r0, r1 = rows[0] * f, min(shape[1], (rows[-1] + 1) * f)
         c0, c1 = cols[0] * f, min(shape[2], (cols[-1] + 1) * f)
         sub = volume.hu[k, r0:r1, c0:c1].astype(np.float32)
         air = ndi.gaussian_filter(sub, sigma, truncate=2.0) < air_hu
         part = (slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1))
         up = (r1 - r0, c1 - c0)
-        lung = (upsample_mask(core[k][part], f, up)
-                | upsample_mask(band[k][part], f, up) & (air | upsample_mask(taken_c[k][part], f, up)))
-        is_left = upsample_mask(near_left[k][part], f, up)
+        lung = (upsample_mask(core[kc][part], f, up)
+                | upsample_mask(band[kc][part], f, up) & (air | upsample_mask(taken_c[kc][part], f, up)))
+        is_left = upsample_mask(near_left[kc][part], f, up)
         left[k, r0:r1, c0:c1] = lung & is_left
         right[k, r0:r1, c0:c1] = lung & ~is_left
     return left, right
@@ -426,10 +457,12 @@ def segment_lungs(volume: CTVolume, *, params: LungParams = LungParams()) -> Lun
     """
     uid = volume.series_instance_uid
     f = work_grid_factors(volume.spacing, params.grid_mm)
+    fz = slice_group(volume.spacing[0], params.slice_grid_mm)
     sy, sx = volume.spacing[1] * f, volume.spacing[2] * f
-    small = ndi.gaussian_filter(block_mean(volume.hu, f), (0.0, params.smooth_px, params.smooth_px),
+    sz = volume.spacing[0] * fz
+    small = ndi.gaussian_filter(block_mean(volume.hu, f, fz), (0.0, params.smooth_px, params.smooth_px),
                                 truncate=2.5)
-    voxel_ml = volume.spacing[0] * sy * sx / 1000.0
+    voxel_ml = sz * sy * sx / 1000.0
     body = _body(small, params.body_hu, max(1, int(round(params.table_gap_mm / sy))))
     air = small < params.air_hu
     inside = air & body
@@ -442,8 +475,10 @@ def segment_lungs(volume: CTVolume, *, params: LungParams = LungParams()) -> Lun
     crop = [p[box] for p in parts]
     crop = fill_along_pleura([_fill_holes(p) for p in crop], small[box], body[box], (sy, sx),
                              bone_hu=params.bone_hu, touch_mm=params.wall_touch_mm,
-                             max_gap_deg=params.max_gap_deg, slice_mm=volume.spacing[0],
+                             max_gap_deg=params.max_gap_deg, slice_mm=sz,
                              anterior_angle=_anterior_angle(volume))
+    allowed = body[box] & (small[box] < params.bone_hu) & ~airway[box]
+    crop = close_radially(crop, allowed, (sz, sy, sx))
     radius = max(1, int(round(params.pleura_close_mm / sy)))
     crop = [_fill_holes(p | _padded(ndi.binary_closing, p, radius)) & ~airway[box] for p in crop]
     if len(crop) == 2:  # a voxel both lungs grew into goes to the one whose air it was
@@ -453,7 +488,7 @@ def segment_lungs(volume: CTVolume, *, params: LungParams = LungParams()) -> Lun
         crop[1] &= ~(overlap & ~to_second)
     for p, c in zip(parts, crop, strict=True):
         p[box] = c
-    xs = [_patient_x(volume, *_centroid(p), f) for p in parts]
+    xs = [_patient_x(volume, c[0] * fz, c[1], c[2], f) for c in map(_centroid, parts)]
     mid_x = _patient_x(volume, 0.0, 0.0, (box[2].start + box[2].stop) / 2.0, f)
     if len(parts) == 2:
         left_c, right_c = (parts[0], parts[1]) if xs[0] > xs[1] else (parts[1], parts[0])
@@ -462,9 +497,10 @@ def segment_lungs(volume: CTVolume, *, params: LungParams = LungParams()) -> Lun
         left_c, right_c = (parts[0], empty) if xs[0] > mid_x else (empty, parts[0])
     taken = (left_c | right_c) & ~air
     if f == 1:
-        left, right = left_c, right_c
+        n = volume.shape[0]
+        left, right = expand_slices(left_c, fz, n), expand_slices(right_c, fz, n)
     else:
-        left, right = _refine(volume, f, left_c, right_c, taken, airway, params.air_hu)
+        left, right = _refine(volume, f, fz, left_c, right_c, taken, airway, params.air_hu)
     left_ml, right_ml = (int(np.count_nonzero(m)) * volume.voxel_volume_ml for m in (left, right))
     if left_ml + right_ml < params.min_lung_ml:
         raise SegmentationError(

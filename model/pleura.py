@@ -243,3 +243,81 @@ def _bridged(short: np.ndarray, near: np.ndarray, reach: int, one_side: np.ndarr
             if (before and after) or ((before or after) and one_side[a:b].mean() > 0.5):
                 out[k, a:b] = lab[a:b] == i
     return out
+
+
+def close_radially(parts: list[np.ndarray], allowed: np.ndarray, spacing: tuple[float, float, float], *,
+                   window_deg: float = 40.0, window_mm: float = 25.0, max_fill_mm: float = 40.0,
+                   medial_sector_deg: float = 65.0, ball_mm: float = 40.0, bins: int = 180
+                   ) -> list[np.ndarray]:
+    """Each lung grown out to the grey closing of its outline over angle and height.
+
+    Per slice, the lung's outline is its largest radius per angle bin, seen from
+    the lung's own centre (smoothed along z).  Over (slice, angle) that radius is
+    a surface; dense lung along the wall makes a dent in it.  A grey closing of
+    the surface with a ball of radius ``ball_mm`` (a paraboloid over arc length
+    at the lung's typical radius and height) in a window of ``window_deg`` by
+    ``window_mm`` fills dents narrower than the window in angle or in height
+    (a wide consolidation that spans few slices, a tall one that spans a small
+    angle) but not the gentle curvature of the lung itself; dents larger in
+    both (the heart against the left lung) stay.  Rays
+    are only grown outwards, by at most ``max_fill_mm``, within ``allowed``
+    (the body less bone, airways and the other lung), and a ray on which the
+    lung has no voxel is not grown, nor is one within ``medial_sector_deg`` of
+    the direction to the body's middle (the hilum, where vessels and bronchi
+    dent the outline, and the mediastinum).
+    """
+    sz, sy, sx = spacing
+    n_z = parts[0].shape[0]
+    gy, gx = np.indices(parts[0].shape[1:], dtype=np.float32)
+    cols = np.nonzero(allowed.any(axis=(0, 1)))[0]
+    mid_x = (cols[0] + cols[-1]) / 2.0 if cols.size else parts[0].shape[2] / 2.0
+    centres = (np.arange(bins) + 0.5) * (2 * np.pi / bins) - np.pi
+    bz = max(1, int(round(window_mm / sz)) | 1)
+    bt = max(3, int(round(window_deg / (360.0 / bins))) | 1)
+    out = []
+    for i, part in enumerate(parts):
+        zs = np.nonzero(part.any(axis=(1, 2)))[0]
+        if zs.size < 2:
+            out.append(part)
+            continue
+        cy = np.full(n_z, np.nan, np.float32)
+        cx = np.full(n_z, np.nan, np.float32)
+        for k in zs:
+            yy, xx = np.nonzero(part[k])
+            cy[k], cx[k] = yy.mean(), xx.mean()
+        span = slice(int(zs[0]), int(zs[-1]) + 1)
+        for c in (cy, cx):  # centres move smoothly with height; gaps take their neighbours' value
+            seg = c[span]
+            ok = np.isfinite(seg)
+            seg[~ok] = np.interp(np.nonzero(~ok)[0], np.nonzero(ok)[0], seg[ok])
+            c[span] = ndi.uniform_filter1d(seg, size=bz, mode="nearest")
+        pz, py, px = np.nonzero(part)
+        dy, dx = (py - cy[pz]) * sy, (px - cx[pz]) * sx
+        tb = ((np.arctan2(dy, dx) + np.pi) / (2 * np.pi) * bins).astype(np.int32) % bins
+        r_out = np.zeros(n_z * bins, np.float32)
+        np.maximum.at(r_out, pz * bins + tb, np.hypot(dy, dx))
+        r_out = r_out.reshape(n_z, bins)
+        valid = r_out > 0
+        medial = np.pi if float(np.nanmean(cx[span])) > mid_x else 0.0  # angle of the direction to the middle
+        away = np.abs(np.angle(np.exp(1j * (centres - medial)))) >= np.deg2rad(medial_sector_deg)
+        sub = r_out[span]
+        padded = np.concatenate([sub[:, -bt:], sub, sub[:, :bt]], axis=1)
+        arc = float(np.median(sub[sub > 0])) * (2 * np.pi / bins)  # mm per bin at the typical radius
+        dz = (np.arange(bz) - bz // 2) * sz
+        da = (np.arange(bt) - bt // 2) * arc
+        ball = -(dz[:, None] ** 2 + da[None, :] ** 2) / (2.0 * ball_mm)
+        closed = ndi.grey_closing(padded, structure=ball, mode="nearest")[:, bt:-bt]
+        grow = np.zeros_like(r_out)
+        grow[span] = np.where(valid[span] & away & (closed - sub > 1.0) & (closed - sub <= max_fill_mm), closed, 0.0)
+        others = np.logical_or.reduce([p for j, p in enumerate(parts) if j != i]) if len(parts) > 1 else None
+        grown = part.copy()
+        for k in np.nonzero(grow.any(axis=1))[0]:
+            ry, rx = (gy - cy[k]) * sy, (gx - cx[k]) * sx
+            rad = np.hypot(ry, rx)
+            b = ((np.arctan2(ry, rx) + np.pi) / (2 * np.pi) * bins).astype(np.int32) % bins
+            add = (rad > r_out[k][b]) & (rad <= grow[k][b]) & allowed[k]
+            if others is not None:
+                add &= ~others[k]
+            grown[k] |= add
+        out.append(grown)
+    return out

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage as ndi
 
-from model.lungs import LungMasks, block_mean, upsample_mask
+from model.lungs import LungMasks, block_mean, expand_slices, slice_group, upsample_mask
 from model.volume import CTVolume
 
 __all__ = [
@@ -43,6 +43,8 @@ class QuantifyParams:
 
     grid_mm: float = 1.25
     """In-plane voxel size the opacities are classified on (block means)."""
+    slice_grid_mm: float = 2.0
+    """Thinner slices are averaged in groups to about this thickness before classifying."""
     vessel_radius_mm: float = 5.0
     """Bright structures that vanish under an opening with a disk of this radius are vessels."""
     rim_radius_mm: float | None = None
@@ -119,11 +121,18 @@ def _lung_box(mask: np.ndarray, f: int) -> tuple[slice, slice, slice]:
     return box[0], box[1], box[2]
 
 
-def _reduce_mask(mask: np.ndarray, f: int) -> np.ndarray:
-    if f == 1:
+def _reduce_mask(mask: np.ndarray, f: int, fz: int = 1) -> np.ndarray:
+    """Majority of each ``fz x f x f`` block (a last group of fewer slices votes with those it has)."""
+    if f == 1 and fz == 1:
         return mask.copy()
     z, y, x = mask.shape
-    return mask.reshape(z, y // f, f, x // f, f).sum(axis=(2, 4), dtype=np.uint8) * 2 >= f * f
+    counts = mask.reshape(z, y // f, f, x // f, f).sum(axis=(2, 4), dtype=np.uint16)
+    if fz == 1:
+        return counts * 2 >= f * f
+    nz = -(-z // fz)
+    sums = np.add.reduceat(counts, np.arange(0, z, fz), axis=0)
+    sizes = np.minimum(fz, z - np.arange(nz) * fz)[:, None, None]
+    return sums * 2 >= sizes * f * f
 
 
 def _disk(radius_px: float) -> np.ndarray:
@@ -281,6 +290,7 @@ def quantify(volume: CTVolume, masks: LungMasks, thresholds: OpacityThresholds =
     """
     px_mm = max(volume.spacing[1], volume.spacing[2])
     f = max(1, int(round(params.grid_mm / px_mm)))
+    fz = slice_group(volume.spacing[0], params.slice_grid_mm)
     both = masks.both
     box = _lung_box(both, f)
     opacity_full = np.zeros(volume.shape, dtype=bool)
@@ -289,8 +299,8 @@ def quantify(volume: CTVolume, masks: LungMasks, thresholds: OpacityThresholds =
     lung_box = both[box]
     left_box, right_box = masks.left[box], masks.right[box]
     if lung_box.any():
-        hu = block_mean(volume.hu[box], f)
-        lung = _reduce_mask(lung_box, f)
+        hu = block_mean(volume.hu[box], f, fz)
+        lung = _reduce_mask(lung_box, f, fz)
         noise = _neighbour_noise(volume.hu[box], lung_box)
         q_noise = _neighbour_noise(hu, lung)
         sigma = 0.5
@@ -298,12 +308,13 @@ def quantify(volume: CTVolume, masks: LungMasks, thresholds: OpacityThresholds =
             sigma = float(np.clip(q_noise / (2.0 * np.sqrt(np.pi) * params.target_noise_hu), 0.5, 2.5))
         rim_mm = params.rim_radius_mm
         if rim_mm is None:
-            rim_mm = max(1.5, 0.45 * max(volume.slice_thickness, volume.spacing[0]))
-        voxel_mm3 = volume.spacing[0] * volume.spacing[1] * volume.spacing[2] * f * f
+            rim_mm = max(1.5, 0.45 * max(volume.slice_thickness, volume.spacing[0] * fz))
+        voxel_mm3 = volume.spacing[0] * volume.spacing[1] * volume.spacing[2] * f * f * fz
         opacity, high = _opacity(hu, lung, thresholds, params, px_mm * f, voxel_mm3, sigma, rim_mm)
         del hu, lung
-        opacity_full[box] = upsample_mask(opacity, f, lung_box.shape) & lung_box
-        high_full[box] = upsample_mask(high, f, lung_box.shape) & lung_box
+        n = lung_box.shape[0]
+        opacity_full[box] = upsample_mask(expand_slices(opacity, fz, n), f, lung_box.shape) & lung_box
+        high_full[box] = upsample_mask(expand_slices(high, fz, n), f, lung_box.shape) & lung_box
         logger.debug("series %s: noise %s HU, smoothing sigma %.2f px of %.2f mm",
                      volume.series_instance_uid, noise, sigma, px_mm * f)
     op_box, high_box = opacity_full[box], high_full[box]
