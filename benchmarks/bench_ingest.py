@@ -105,15 +105,22 @@ def lungnode(tmp: Path, db_url: str, orthanc: Orthanc | None = None, *, fsync: b
         lines += ["[[peers]]", "name = 'orthanc'", f"ae_title = '{orthanc.aet}'",
                   "host = '127.0.0.1'", f"port = {orthanc.dicom_port}"]
     cfg.write_text("\n".join(lines) + "\n")
-    proc = subprocess.Popen([sys.executable, "-m", "node.cli", "serve", "--config", str(cfg)],
-                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    log = tmp / f"{cfg.stem}.log"
+    with log.open("wb") as log_file:
+        proc = subprocess.Popen([sys.executable, "-m", "node.cli", "serve", "--config", str(cfg)],
+                                cwd=REPO, stdout=subprocess.PIPE, stderr=log_file,
+                                env=dict(os.environ, PYTHONUNBUFFERED="1"))
     try:
-        deadline = time.monotonic() + 60
-        while subprocess.run(["echoscu", "-aec", "LUNGNODE", "-aet", "STORESCU", "127.0.0.1",
-                              str(port)], capture_output=True).returncode != 0:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"node did not start: {proc.stderr.read().decode()[-2000:]}")  # type: ignore[union-attr]
-            time.sleep(0.2)
+        # `serve` prints its "listening" line once every receiver process listens
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        while line and b"listening on" not in line:
+            line = proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"node did not start: {log.read_text()[-2000:]}")
+        if subprocess.run(["echoscu", "-aec", "LUNGNODE", "-aet", "STORESCU", "127.0.0.1",
+                           str(port)], capture_output=True).returncode != 0:
+            raise RuntimeError(f"node does not answer C-ECHO: {log.read_text()[-2000:]}")
         yield port, str(cfg)
     finally:
         proc.terminate()
@@ -213,12 +220,14 @@ def main() -> None:
             print(f"{label:{w}} {n / t_o:15.0f} {n / t_n:12.0f} {t_n / t_o:18.2f}")
         print("every run checked: all instances in Orthanc's index / the node's database "
               "(rows and study counters)")
-        print("durability: Orthanc 1.10.1 writes storage files without fsync (no option), its "
-              "SQLite index with synchronous=NORMAL;\n  node fsync=false: file renamed and row "
-              "committed before the ack, no flush (survives a crash of the node, not a power "
-              "loss);\n  node fsync=true (the default): each file also flushed to the device "
-              "before the ack; SQLite WAL synchronous=NORMAL, PostgreSQL synchronous_commit="
-              + _pg_setting("synchronous_commit"))
+        print("durability: Orthanc 1.10.1 writes storage files without fsync (it has no option "
+              "for it), its SQLite index with synchronous=NORMAL;\n"
+              "  node fsync=false: file renamed into place and row committed before the ack, "
+              "nothing flushed (SQLite synchronous=NORMAL, PostgreSQL synchronous_commit=off):\n"
+              "    survives a crash of the node, not a power loss (Orthanc's level);\n"
+              "  node fsync=true (the default): the file and the commit are also flushed to the "
+              "device before the ack (SQLite synchronous=FULL, PostgreSQL synchronous_commit="
+              + _pg_setting("synchronous_commit") + ")")
         head = f"{'storescu inst/s':>15} {'node inst/s':>12} {'node/storescu time':>18}"
         print(f"\n{'sender into Orthanc':45} {head}")
         print(f"{'1 association, TCP_NODELAY=1 for Orthanc':45} {n / t_scu:15.0f} {n / t_send:12.0f} "

@@ -7,9 +7,13 @@ and one update.
 
 from __future__ import annotations
 
+import fcntl
 import logging
+import os
 import queue
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -69,9 +73,21 @@ class InstanceRecord:
 
 
 class Catalog:
-    """Writes ingest rows; safe to share between association threads."""
+    """Writes ingest rows; safe to share between association threads.
 
-    def __init__(self, sessions: sessionmaker[Session]) -> None:
+    Parameters
+    ----------
+    sessions:
+        The session factory (its engine is used).
+    shared_sqlite:
+        Several processes write to the same SQLite file (``[dicom] receivers``):
+        the per-instance transaction then also takes an exclusive ``flock`` on
+        ``<database>-ingest.lock``, so that writers queue in the kernel and wake at
+        once, instead of polling in SQLite's busy handler (which sleeps 1 ms and
+        more between tries).
+    """
+
+    def __init__(self, sessions: sessionmaker[Session], *, shared_sqlite: bool = False) -> None:
         self._sessions = sessions
         self._engine: Engine = sessions.kw["bind"]
         self._lock = threading.Lock()
@@ -80,6 +96,11 @@ class Catalog:
         self._sqlite = self._engine.dialect.name == "sqlite"
         self._integrity_error: type[Exception] = self._engine.dialect.loaded_dbapi.IntegrityError
         self._raw_pool: queue.Queue[Any] = queue.Queue()
+        self._write_lock = threading.Lock()
+        self._lock_fd: int | None = None
+        database = self._engine.url.database
+        if shared_sqlite and self._sqlite and database and database != ":memory:":
+            self._lock_fd = os.open(f"{database}-ingest.lock", os.O_RDWR | os.O_CREAT, 0o600)
 
     def has_instance(self, sop_instance_uid: str) -> bool:
         with self._engine.connect() as conn:
@@ -178,18 +199,19 @@ class Catalog:
             if self._sqlite:
                 stamp = now.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f")
                 cur = conn.cursor()
-                try:
-                    cur.execute("BEGIN IMMEDIATE")
+                with self._serialized():
                     try:
-                        cur.execute(_SQLITE_INSERT, (*params, stamp))
-                        cur.execute(_SQLITE_BUMP_STUDY, (stamp, stamp, study_id))
-                        cur.execute(_SQLITE_BUMP_SERIES, (series_id,))
-                    except BaseException:
-                        cur.execute("ROLLBACK")
-                        raise
-                    cur.execute("COMMIT")
-                finally:
-                    cur.close()
+                        cur.execute("BEGIN IMMEDIATE")
+                        try:
+                            cur.execute(_SQLITE_INSERT, (*params, stamp))
+                            cur.execute(_SQLITE_BUMP_STUDY, (stamp, stamp, study_id))
+                            cur.execute(_SQLITE_BUMP_SERIES, (series_id,))
+                        except BaseException:
+                            cur.execute("ROLLBACK")
+                            raise
+                        cur.execute("COMMIT")
+                    finally:
+                        cur.close()
             else:
                 with conn.cursor() as cur:
                     cur.execute(_PG_RECORD, (*params, now, now, now))
@@ -204,6 +226,18 @@ class Catalog:
             raise
         self._release(conn)
         return True
+
+    @contextmanager
+    def _serialized(self) -> Iterator[None]:
+        if self._lock_fd is None:
+            yield
+            return
+        with self._write_lock:  # flock does not exclude threads sharing the descriptor
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
 
     def _raw_connection(self) -> Any:
         try:
@@ -229,6 +263,9 @@ class Catalog:
 
     def close(self) -> None:
         """Return the connections kept for :meth:`_record_fast` to the engine's pool."""
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
         while True:
             try:
                 conn = self._raw_pool.get_nowait()

@@ -9,6 +9,7 @@ DICOM files.
 from __future__ import annotations
 
 import enum
+import functools
 from datetime import UTC, datetime
 
 from sqlalchemy import (
@@ -250,27 +251,46 @@ class AuditEntry(Base):
     detail: Mapped[str | None] = mapped_column(Text)
 
 
-def _sqlite_pragmas(dbapi_connection: object, connection_record: object) -> None:
+def _sqlite_pragmas(dbapi_connection: object, connection_record: object, *,
+                   durable: bool = False) -> None:
     cursor = dbapi_connection.cursor()  # type: ignore[attr-defined]
     cursor.execute("PRAGMA journal_mode=WAL")
-    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.execute("PRAGMA busy_timeout=30000")
     cursor.close()
 
 
-def make_engine(url: str, *, echo: bool = False) -> Engine:
-    """Create the engine; SQLite gets WAL mode, foreign keys and a busy timeout."""
+def _pg_async_commit(dbapi_connection: object, connection_record: object) -> None:
+    cursor = dbapi_connection.cursor()  # type: ignore[attr-defined]
+    cursor.execute("SET synchronous_commit TO off")
+    cursor.close()
+    dbapi_connection.commit()  # type: ignore[attr-defined]
+
+
+def make_engine(url: str, *, echo: bool = False, durable: bool | None = None) -> Engine:
+    """Create the engine; SQLite gets WAL mode, foreign keys and a busy timeout.
+
+    ``durable`` (the node passes ``[storage] fsync``) decides whether a commit
+    is flushed to the device before it returns: ``True``: SQLite
+    ``synchronous=FULL``; ``False``: SQLite ``synchronous=NORMAL`` and
+    PostgreSQL ``synchronous_commit=off`` (a commit survives a crash of the
+    node, not a power loss or operating-system crash); ``None``: SQLite NORMAL
+    and the server's own PostgreSQL setting.
+    """
     if url.startswith("sqlite"):
         engine = create_engine(url, echo=echo, connect_args={"timeout": 30,
                                                              "check_same_thread": False})
-        event.listen(engine, "connect", _sqlite_pragmas)
+        event.listen(engine, "connect", functools.partial(_sqlite_pragmas, durable=bool(durable)))
         # pysqlite's own transaction handling defers BEGIN; emit it ourselves so a
         # writer takes the lock at the start of its transaction (single-writer claim).
         event.listen(engine, "connect", _disable_pysqlite_begin)
         event.listen(engine, "begin", _sqlite_begin_immediate)
         return engine
-    return create_engine(url, echo=echo, pool_pre_ping=True, pool_size=10, max_overflow=20)
+    engine = create_engine(url, echo=echo, pool_pre_ping=True, pool_size=10, max_overflow=20)
+    if durable is False and url.startswith("postgresql"):
+        event.listen(engine, "connect", _pg_async_commit)
+    return engine
 
 
 def _disable_pysqlite_begin(dbapi_connection: object, connection_record: object) -> None:

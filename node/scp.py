@@ -544,11 +544,12 @@ def run_receiver(settings: Settings, index: int, parent: Connection) -> None:
         if not stop.is_set():  # the parent died without stopping us: stop at once
             os._exit(0)
 
-    engine = make_engine(settings.database.url, echo=settings.database.echo)
+    engine = make_engine(settings.database.url, echo=settings.database.echo,
+                         durable=settings.storage.fsync)
     store = InstanceStore(settings.storage.root, min_free_mb=settings.storage.min_free_mb,
                           fsync=settings.storage.fsync)
     scp = StoreSCP(settings.dicom, settings.peers, store,
-                   Catalog(make_session_factory(engine)), reuse_port=True)
+                   Catalog(make_session_factory(engine), shared_sqlite=True), reuse_port=True)
     try:
         scp.start()
     except OSError as exc:

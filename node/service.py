@@ -65,12 +65,16 @@ class ReceiverPool:
     def pids(self) -> list[int]:
         return [p.pid for p, _ in self._children if p.pid is not None and p.is_alive()]
 
-    def _spawn(self, index: int) -> tuple[BaseProcess, Connection]:
+    def _launch(self, index: int) -> tuple[BaseProcess, Connection]:
         parent_end, child_end = self._ctx.Pipe()
         proc = self._ctx.Process(target=run_receiver, args=(self.settings, index, child_end),
                                  name=f"lungnode-receiver-{index}", daemon=False)
         proc.start()
         child_end.close()
+        return proc, parent_end
+
+    @staticmethod
+    def _await_ready(index: int, proc: BaseProcess, parent_end: Connection) -> None:
         if not parent_end.poll(120):
             proc.kill()
             raise ConfigError(f"receiver process {index} did not start within 120 s")
@@ -81,12 +85,19 @@ class ReceiverPool:
         if kind != "ready":
             proc.join(5)
             raise ConfigError(str(detail))
-        return proc, parent_end
+
+    def _spawn(self, index: int) -> tuple[BaseProcess, Connection]:
+        child = self._launch(index)
+        self._await_ready(index, *child)
+        return child
 
     def start(self) -> None:
+        """Start every receiver (in parallel) and return once all of them listen."""
         try:
             for i in range(self.count):
-                self._children.append(self._spawn(i))
+                self._children.append(self._launch(i))
+            for i, child in enumerate(self._children):
+                self._await_ready(i, *child)
         except BaseException:
             self.stop()
             raise
@@ -142,7 +153,8 @@ class Node:
     def __init__(self, settings: Settings, predictor: Predictor | None = None, *,
                  receive: bool = True, work: bool = True, schedule: bool = True) -> None:
         self.settings = settings
-        self.engine = make_engine(settings.database.url, echo=settings.database.echo)
+        self.engine = make_engine(settings.database.url, echo=settings.database.echo,
+                                  durable=settings.storage.fsync)
         self.sessions: sessionmaker[Session] = make_session_factory(self.engine)
         self.owner = lease_owner()
         self.ctx = NodeContext(settings, self.sessions, self.owner, predictor)

@@ -238,3 +238,65 @@ def test_echo_from_dcmtk(listener: Callable[..., Listener]) -> None:
     lst = listener()
     res = echoscu("127.0.0.1", lst.port, "LUNGNODE", calling_aet="STORESCU")
     assert res.returncode == 0
+
+
+def _encoded(ds: pydicom.Dataset, implicit: bool) -> bytes:
+    from pynetdicom.dsutils import encode
+
+    raw = encode(ds, implicit, True)
+    assert raw is not None
+    return raw
+
+
+@pytest.mark.parametrize("implicit", [False, True])
+def test_header_scan_agrees_with_pydicom(implicit: bool) -> None:
+    """The C-STORE handler's quick scan reads the same UIDs as pydicom, sequences of
+    undefined length included (the real study has them)."""
+    from node.scp import scan_dataset
+
+    syntax = pydicom.uid.ImplicitVRLittleEndian if implicit else pydicom.uid.ExplicitVRLittleEndian
+    names = ("SOPClassUID", "SOPInstanceUID", "Modality", "StudyInstanceUID", "SeriesInstanceUID")
+    for f in sorted(B40F.iterdir())[:5]:
+        ds = pydicom.dcmread(f)
+        as_stored = f.read_bytes()[132 + 12 + ds.file_meta.FileMetaInformationGroupLength:]
+        for raw, ts in ((_encoded(ds, implicit), syntax),
+                        (as_stored, ds.file_meta.TransferSyntaxUID)):
+            scanned = scan_dataset(memoryview(raw), pydicom.uid.UID(ts))
+            assert scanned is not None
+            found, has_pixels = scanned
+            assert found == {k: str(ds[k].value) for k in names if k in ds}
+            assert has_pixels
+    # no pixel data; truncated; big endian: the scan says so, or leaves it to pydicom
+    ds = pydicom.dcmread(sorted(B40F.iterdir())[0])
+    del ds.PixelData
+    scanned = scan_dataset(memoryview(_encoded(ds, implicit)), pydicom.uid.UID(syntax))
+    assert scanned is not None and scanned[1] is False
+    truncated = _encoded(pydicom.dcmread(sorted(B40F.iterdir())[0], stop_before_pixels=True),
+                         implicit)[:-3]
+    assert scan_dataset(memoryview(truncated), pydicom.uid.UID(syntax)) is None
+    assert scan_dataset(memoryview(b""), pydicom.uid.ExplicitVRBigEndian) is None
+
+
+def test_several_senders_at_once_all_recorded(listener: Callable[..., Listener]) -> None:
+    """Concurrent associations on one listener: every row once, counters exact."""
+    import threading
+
+    lst = listener()
+    files = sorted(B40F.iterdir())
+    datasets = [pydicom.dcmread(f) for f in files]
+    codes: list[list[int | None]] = [[] for _ in range(3)]
+
+    def send(i: int) -> None:
+        codes[i] = _scu_send(lst.port, datasets[i::3])
+
+    threads = [threading.Thread(target=send, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert [c for part in codes for c in part] == [0] * 30
+    assert lst.count() == 30
+    with lst.sessions() as s:
+        assert s.scalars(select(Study)).one().instance_count == 30
+        received = list(s.scalars(select(Instance.received_at)))
+    assert all(r.tzinfo is not None for r in received)

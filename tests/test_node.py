@@ -167,3 +167,49 @@ def _as_file(ds: pydicom.Dataset) -> Path:
     f = Path(tempfile.mkstemp(suffix=".dcm")[1])
     ds.save_as(f, enforce_file_format=True)
     return f
+
+
+def test_serve_with_receiver_processes_records_every_instance_and_stops_them(
+        tmp_path: Path, db_url: str, make_settings: Callable[..., Settings]) -> None:
+    """``[dicom] receivers = 2``: two processes share the port; four storescu at once;
+    the serve process's completion tick queues the study from their rows; stop ends them."""
+    import psutil
+    from sqlalchemy import func
+
+    from node.db import Instance, Job
+
+    port = free_port()
+    settings = make_settings(db_url, port=port, dicom={"receivers": 2}, worker={"count": 0},
+                             peers=[{"name": "ct", "ae_title": "STORESCU", "host": "127.0.0.1",
+                                     "port": 104}])
+    node = Node(settings)
+    node.start()
+    try:
+        assert node.scp is None and node.receivers is not None
+        pids = node.receivers.pids
+        assert len(pids) == 2
+        parts = []
+        for i in range(4):
+            d = tmp_path / f"part{i}"
+            d.mkdir()
+            for f in sorted(B40F.iterdir())[i::4]:
+                (d / f.name).symlink_to(f)
+            parts.append(d)
+        procs = [subprocess.Popen(["storescu", "-aec", "LUNGNODE", "-aet", "STORESCU", "+sd",
+                                   "127.0.0.1", str(port), str(d)], stderr=subprocess.PIPE)
+                 for d in parts]
+        for p in procs:
+            _, err = p.communicate(timeout=120)
+            assert p.returncode == 0, err.decode()
+        with node.sessions() as s:
+            assert s.scalar(select(func.count()).select_from(Instance)) == 30
+            assert s.scalars(select(Study)).one().instance_count == 30
+        def jobs() -> int:
+            with node.sessions() as s:
+                return int(s.scalar(select(func.count()).select_from(Job)) or 0)
+
+        _wait(jobs, 30, "the study's job")
+    finally:
+        node.stop()
+    assert not any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE
+                   for p in pids)
