@@ -47,11 +47,11 @@ def child(dicom_dir: str, out_dir: str, with_cnn: bool) -> None:
 
     paths = tuple(sorted(Path(dicom_dir).glob("*.dcm")))
     predictor = None
-    if with_cnn:
+    model = ModelSettings()  # the node's defaults
+    if with_cnn and model.enabled:
         from model.errors import ModelError
         from model.inference import InferenceEngine
 
-        model = ModelSettings()
         try:
             predictor = InferenceEngine.from_registry(model.name, model.registry, device=model.device,
                                                       tta=model.tta).predict
@@ -75,6 +75,7 @@ def child(dicom_dir: str, out_dir: str, with_cnn: bool) -> None:
     timings["whole"] = time.perf_counter() - t0
     timings["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     out: dict[str, object] = dict(timings)
+    out["cnn_enabled_by_default"] = model.enabled
     if analysis.prediction is not None:
         p = analysis.prediction
         out["cnn_model"] = f"{p.model_name} {p.model_version} on {p.device}"
@@ -123,9 +124,9 @@ def main() -> None:
             if "error" in t:
                 sys.exit(f"{t['error']}\nthe node's default configuration would refuse to start; "
                          "fix model/weights or run with --no-cnn")
-            if not args.no_cnn and "cnn" not in t:
+            if not args.no_cnn and "cnn" not in t and t.get("cnn_enabled_by_default", True):
                 sys.exit("the CNN stage did not run although the default model loaded")
-            models.add(t.get("cnn_model", ""))
+            models.add(t.get("cnn_model", "not run: [model] enabled = false by default"))
             measure = t["load"] + t["segment"] + t["quantify"]
             print(f"{n:6d} {floor:6.2f} " + " ".join(f"{t.get(k, float('nan')):8.2f}" for k in _STAGES) +
                   f" {t['whole'] / floor:11.2f} {measure / floor:13.2f} {t['peak_rss_mb']:8.0f}")
