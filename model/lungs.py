@@ -89,6 +89,8 @@ class LungParams:
     """Radius of the opening that detaches the table (and arms) from the body outline."""
     bone_hu: float = 250.0
     """Ribs lie above this (the pleural step)."""
+    rib_hu: float = 150.0
+    """Thin ribs on the reduced grid lie above this (where the radial closing stops)."""
     airway_hu: float = -950.0
     """Strict threshold of airway lumen and of gas pockets."""
     min_gas_ml: float = 5.0
@@ -478,7 +480,7 @@ def segment_lungs(volume: CTVolume, *, params: LungParams = LungParams()) -> Lun
                              max_gap_deg=params.max_gap_deg, slice_mm=sz,
                              anterior_angle=_anterior_angle(volume))
     allowed = body[box] & (small[box] < params.bone_hu) & ~airway[box]
-    crop = close_radially(crop, allowed, (sz, sy, sx))
+    crop = close_radially(crop, allowed, body[box] & (small[box] > params.rib_hu), (sz, sy, sx))
     radius = max(1, int(round(params.pleura_close_mm / sy)))
     crop = [_fill_holes(p | _padded(ndi.binary_closing, p, radius)) & ~airway[box] for p in crop]
     if len(crop) == 2:  # a voxel both lungs grew into goes to the one whose air it was

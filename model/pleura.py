@@ -245,10 +245,10 @@ def _bridged(short: np.ndarray, near: np.ndarray, reach: int, one_side: np.ndarr
     return out
 
 
-def close_radially(parts: list[np.ndarray], allowed: np.ndarray, spacing: tuple[float, float, float], *,
-                   window_deg: float = 40.0, window_mm: float = 25.0, max_fill_mm: float = 40.0,
-                   medial_sector_deg: float = 65.0, ball_mm: float = 40.0, bins: int = 180
-                   ) -> list[np.ndarray]:
+def close_radially(parts: list[np.ndarray], allowed: np.ndarray, ribs: np.ndarray,
+                   spacing: tuple[float, float, float], *, window_deg: float = 40.0, window_mm: float = 25.0,
+                   max_fill_mm: float = 40.0, medial_sector_deg: float = 65.0, ball_mm: float = 40.0,
+                   rib_window_mm: float = 14.0, bins: int = 180) -> list[np.ndarray]:
     """Each lung grown out to the grey closing of its outline over angle and height.
 
     Per slice, the lung's outline is its largest radius per angle bin, seen from
@@ -260,8 +260,10 @@ def close_radially(parts: list[np.ndarray], allowed: np.ndarray, spacing: tuple[
     (a wide consolidation that spans few slices, a tall one that spans a small
     angle) but not the gentle curvature of the lung itself; dents larger in
     both (the heart against the left lung) stay.  Rays
-    are only grown outwards, by at most ``max_fill_mm``, within ``allowed``
-    (the body less bone, airways and the other lung), and a ray on which the
+    are only grown outwards, by at most ``max_fill_mm``, up to the first voxel
+    not ``allowed`` (bone, airways, outside the body) and not beyond the first
+    of the ``ribs`` of the slices within ``rib_window_mm`` (a ray through an
+    intercostal space stops where the ribs above and below run), and a ray on which the
     lung has no voxel is not grown, nor is one within ``medial_sector_deg`` of
     the direction to the body's middle (the hilum, where vessels and bronchi
     dent the outline, and the mediastinum).
@@ -274,6 +276,7 @@ def close_radially(parts: list[np.ndarray], allowed: np.ndarray, spacing: tuple[
     centres = (np.arange(bins) + 0.5) * (2 * np.pi / bins) - np.pi
     bz = max(1, int(round(window_mm / sz)) | 1)
     bt = max(3, int(round(window_deg / (360.0 / bins))) | 1)
+    wz = int(rib_window_mm // sz)
     out = []
     for i, part in enumerate(parts):
         zs = np.nonzero(part.any(axis=(1, 2)))[0]
@@ -306,7 +309,9 @@ def close_radially(parts: list[np.ndarray], allowed: np.ndarray, spacing: tuple[
         dz = (np.arange(bz) - bz // 2) * sz
         da = (np.arange(bt) - bt // 2) * arc
         ball = -(dz[:, None] ** 2 + da[None, :] ** 2) / (2.0 * ball_mm)
-        closed = ndi.grey_closing(padded, structure=ball, mode="nearest")[:, bt:-bt]
+        # beyond the lung's first and last slice the radius is 0: the dome of the apex and the base
+        # are not dents and are not filled
+        closed = ndi.grey_closing(padded, structure=ball, mode="constant", cval=0.0)[:, bt:-bt]
         grow = np.zeros_like(r_out)
         grow[span] = np.where(valid[span] & away & (closed - sub > 1.0) & (closed - sub <= max_fill_mm), closed, 0.0)
         others = np.logical_or.reduce([p for j, p in enumerate(parts) if j != i]) if len(parts) > 1 else None
@@ -315,9 +320,16 @@ def close_radially(parts: list[np.ndarray], allowed: np.ndarray, spacing: tuple[
             ry, rx = (gy - cy[k]) * sy, (gx - cx[k]) * sx
             rad = np.hypot(ry, rx)
             b = ((np.arctan2(ry, rx) + np.pi) / (2 * np.pi) * bins).astype(np.int32) % bins
-            add = (rad > r_out[k][b]) & (rad <= grow[k][b]) & allowed[k]
+            beyond = ~allowed[k] & (rad > r_out[k][b])  # a ray stops at the first rib or the body's edge
+            stop = np.full(bins, np.inf, np.float32)
+            np.minimum.at(stop, b[beyond], rad[beyond])
+            for kk in range(max(0, k - wz), min(n_z, k + wz + 1)):
+                near = ribs[kk] & (rad > r_out[k][b])
+                np.minimum.at(stop, b[near], rad[near])
+            add = (rad > r_out[k][b]) & (rad <= np.minimum(grow[k], stop)[b]) & allowed[k]
             if others is not None:
                 add &= ~others[k]
             grown[k] |= add
         out.append(grown)
     return out
+
