@@ -277,6 +277,7 @@ def close_radially(parts: list[np.ndarray], allowed: np.ndarray, ribs: np.ndarra
     bz = max(1, int(round(window_mm / sz)) | 1)
     bt = max(3, int(round(window_deg / (360.0 / bins))) | 1)
     wz = int(rib_window_mm // sz)
+    ribs_near = ndi.maximum_filter1d(ribs.view(np.uint8), size=2 * wz + 1, axis=0).view(bool)
     out = []
     for i, part in enumerate(parts):
         zs = np.nonzero(part.any(axis=(1, 2)))[0]
@@ -320,12 +321,10 @@ def close_radially(parts: list[np.ndarray], allowed: np.ndarray, ribs: np.ndarra
             ry, rx = (gy - cy[k]) * sy, (gx - cx[k]) * sx
             rad = np.hypot(ry, rx)
             b = ((np.arctan2(ry, rx) + np.pi) / (2 * np.pi) * bins).astype(np.int32) % bins
-            beyond = ~allowed[k] & (rad > r_out[k][b])  # a ray stops at the first rib or the body's edge
+            # a ray stops at the first rib (of this or a nearby slice) or the body's edge
+            beyond = (~allowed[k] | ribs_near[k]) & (rad > r_out[k][b])
             stop = np.full(bins, np.inf, np.float32)
             np.minimum.at(stop, b[beyond], rad[beyond])
-            for kk in range(max(0, k - wz), min(n_z, k + wz + 1)):
-                near = ribs[kk] & (rad > r_out[k][b])
-                np.minimum.at(stop, b[near], rad[near])
             add = (rad > r_out[k][b]) & (rad <= np.minimum(grow[k], stop)[b]) & allowed[k]
             if others is not None:
                 add &= ~others[k]

@@ -126,7 +126,12 @@ def _reduce_mask(mask: np.ndarray, f: int, fz: int = 1) -> np.ndarray:
     if f == 1 and fz == 1:
         return mask.copy()
     z, y, x = mask.shape
-    counts = mask.reshape(z, y // f, f, x // f, f).sum(axis=(2, 4), dtype=np.uint16)
+    y2, x2 = (y // f) * f, (x // f) * f
+    m8 = mask.view(np.uint8)
+    counts = np.zeros((z, y2 // f, x2 // f), dtype=np.uint16)
+    for i in range(f):  # strided adds: no reshaped copy of the full-resolution mask
+        for j in range(f):
+            counts += m8[:, i:y2:f, j:x2:f]
     if fz == 1:
         return counts * 2 >= f * f
     nz = -(-z // fz)
