@@ -157,6 +157,8 @@ def test_left_and_right_follow_patient_x_not_the_image_axes(real: dict[str, Anal
     (41, 0.05, "B40f", 5.0),
     (42, 0.1, "B70f", 2.5),
     (45, 0.1, "B40f", 2.5),
+    (104, 0.17, "B40f", 3.0),  # peripheral consolidation along the ribs (the radial closing's case)
+    (102, 0.08, "B70f", 5.0),
 ])
 def test_synthetic_lungs_and_involvement(seed: int, involvement: float, kernel: str,
                                          thickness: float) -> None:
