@@ -268,6 +268,18 @@ def _pg_async_commit(dbapi_connection: object, connection_record: object) -> Non
     dbapi_connection.commit()  # type: ignore[attr-defined]
 
 
+def _pg_transactional_again(dbapi_connection: object, connection_record: object) -> None:
+    """A connection returns to the pool in transaction mode, whoever switched it to autocommit.
+
+    The catalog's fast path runs its one statement in autocommit; a connection
+    that came back to the pool still in autocommit (its holder collected
+    without ``close()``) would make ``SELECT ... FOR UPDATE`` of the next user
+    lock nothing, and two workers could claim one job.
+    """
+    if dbapi_connection is not None and getattr(dbapi_connection, "autocommit", False):
+        dbapi_connection.autocommit = False  # type: ignore[attr-defined]
+
+
 def make_engine(url: str, *, echo: bool = False, durable: bool | None = None) -> Engine:
     """Create the engine; SQLite gets WAL mode, foreign keys and a busy timeout.
 
@@ -288,6 +300,8 @@ def make_engine(url: str, *, echo: bool = False, durable: bool | None = None) ->
         event.listen(engine, "begin", _sqlite_begin_immediate)
         return engine
     engine = create_engine(url, echo=echo, pool_pre_ping=True, pool_size=10, max_overflow=20)
+    if url.startswith("postgresql"):
+        event.listen(engine, "checkin", _pg_transactional_again)
     if durable is False and url.startswith("postgresql"):
         event.listen(engine, "connect", _pg_async_commit)
     return engine

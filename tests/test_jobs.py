@@ -179,3 +179,21 @@ def test_illegal_transition_is_refused(sessions: sessionmaker[Session]) -> None:
         transition(s, study, StudyState.QUEUED, reason="test")
         s.commit()
         assert s.scalars(select(AuditEntry).where(AuditEntry.action == "state:queued")).one()
+
+
+@pytest.mark.postgres
+def test_a_connection_left_in_autocommit_returns_to_the_pool_transactional() -> None:
+    """The catalog's fast path switches its connections to autocommit; a pooled
+    connection must never hand autocommit to the next user (FOR UPDATE would lock nothing)."""
+    from node.db import make_engine
+    from tests.conftest import PG_ADMIN_URL
+
+    engine = make_engine(PG_ADMIN_URL)
+    try:
+        raw = engine.raw_connection()
+        raw.driver_connection.autocommit = True
+        raw.close()  # back to the pool as the catalog's holder would leave it
+        with engine.connect() as conn:
+            assert conn.connection.driver_connection.autocommit is False
+    finally:
+        engine.dispose()
