@@ -140,16 +140,18 @@ def main() -> None:
         rows = list(pool.map(run_case, cases))
     for r in rows:
         err = float(r["po"]) - float(r["true_po"])
-        print(f"{r['seed']:4d} {r['involvement']:5.2f} {r['thickness']:4.1f} {r['kernel']:>6} {r['slices']:6d} "
+        print(f"{r['seed']:4d} {r['involvement']:5.2f} {r['thickness']:4.1f} {r['kernel']:>6} "
+              f"{r['slices']:6d} "
               f"{r['dice_left']:7.3f} {r['dice_right']:7.3f} {r['true_po']:7.2f} {r['po']:6.2f} {err:+6.2f} "
               f"{r['true_pho']:8.2f} {r['pho']:6.2f} {r['true_cat']:>4}/{r['cat']:<4} {r['seconds']:5.1f}")
     dmin = min(min(float(r["dice_left"]), float(r["dice_right"])) for r in rows)
     errs = np.array([abs(float(r["po"]) - float(r["true_po"])) for r in rows])
     cats = float(np.mean([r["cat"] == r["true_cat"] for r in rows]))
-    print(f"\n{len(rows)} studies, {args.rows}x{args.rows}: lowest Dice per lung {dmin:.3f} (floor {DICE_FLOOR}); "
-          f"|PO error| max {errs.max():.2f}, mean {errs.mean():.2f} points (ceiling {PO_ERROR_CEILING:g}); "
-          f"category right {100 * cats:.0f} % (floor {100 * CATEGORY_FLOOR:.0f} %)  "
-          f"{'OK' if dmin >= DICE_FLOOR and errs.max() <= PO_ERROR_CEILING and cats >= CATEGORY_FLOOR else 'FAIL'}")
+    ok = dmin >= DICE_FLOOR and errs.max() <= PO_ERROR_CEILING and cats >= CATEGORY_FLOOR
+    print(f"\n{len(rows)} studies, {args.rows}x{args.rows}: lowest Dice per lung {dmin:.3f} "
+          f"(floor {DICE_FLOOR}); |PO error| max {errs.max():.2f}, mean {errs.mean():.2f} points "
+          f"(ceiling {PO_ERROR_CEILING:g}); category right {100 * cats:.0f} % "
+          f"(floor {100 * CATEGORY_FLOOR:.0f} %)  {'OK' if ok else 'FAIL'}")
     if not args.no_real:
         print("\nreal study, tests/data/ct (one patient, two kernels):")
         for line in real_study():

@@ -1,8 +1,9 @@
 """Classical lung segmentation (no network weights).
 
 The connectivity work runs on a reduced grid of about ``grid_mm`` in-plane
-(block means, then a light Gaussian, so sharp and smooth kernels give the same
-mask); slices are not merged.  Steps:
+and ``slice_grid_mm`` between slices (block means over thin slices, then a
+light Gaussian in-plane, so sharp and smooth kernels give the same mask).
+Steps:
 
 1. body: per slice, the largest soft-tissue region after an opening that
    detaches the table and arms, holes filled; air (below ``air_hu``) counts
@@ -21,17 +22,26 @@ mask); slices are not merged.  Steps:
 5. holes per slice are filled (vessels, nodules, a tumour inside the lung);
 6. the pleura: dense lung against the chest wall (peripheral consolidation)
    is added by :func:`model.pleura.fill_along_pleura` (the convex envelope of
-   the air outline seen from the mediastinum, out to the ribs), then a closing
+   the air outline seen from the mediastinum, out to the ribs; and, outside
+   the front sector, layers between the air and the ribs of nearby slices
+   that run between places where the air touches the wall), then by
+   :func:`model.pleura.close_radially` (a grey closing of each lung's outline
+   radius over angle and height, which bridges dents narrow in either, stops
+   at the ribs of nearby slices and leaves the medial side alone); a closing
    of ``pleura_close_mm`` smooths the outline and holes are filled again;
 7. the reduced-grid masks are refined at full resolution within one reduced
    voxel of their outline (air on the lightly smoothed image is lung there,
    as is dense tissue the steps above took in), and left and right are named
    from patient x (LPS, via the volume's direction cosines and origin).
 
-Known limits: consolidation against the mediastinum or filling the
-paravertebral gutter has no air beside it to bridge and is left out (the
-measured involvement then reads low); so is a basal crescent that is dense
-over its whole depth.
+Known limits (``benchmarks/bench_accuracy.py`` measures them): consolidation
+against the mediastinum or filling the paravertebral gutter has no air beside
+it to bridge and is left out, so the measured involvement reads low above
+about 35 % involvement; so is a basal crescent that is dense over its whole
+depth.  Rules that filled the gutter from the rib cage (tissue enclosed by the
+lung, the ribs and the spine) were tried and dropped: on the real study they
+took in the descending aorta, the azygo-oesophageal recess and axillary
+muscle.
 """
 
 from __future__ import annotations
@@ -47,8 +57,8 @@ from model.errors import SegmentationError
 from model.pleura import close_radially, fill_along_pleura
 from model.volume import CTVolume
 
-__all__ = ["LungMasks", "LungParams", "block_mean", "expand_slices", "segment_lungs", "slice_group", "upsample_mask",
-           "work_grid_factors"]
+__all__ = ["LungMasks", "LungParams", "block_mean", "expand_slices", "segment_lungs", "slice_group",
+           "upsample_mask", "work_grid_factors"]
 
 logger = logging.getLogger(__name__)
 
@@ -430,7 +440,10 @@ def _refine(volume: CTVolume, f: int, fz: int, left_c: np.ndarray, right_c: np.n
 
 
 def _anterior_angle(volume: CTVolume) -> float | None:
-    """In-plane angle ``arctan2(row, column)`` of the patient's anterior (-y in LPS), ``None`` if not axial."""
+    """In-plane angle ``arctan2(row, column)`` of the patient's anterior (-y in LPS).
+
+    ``None`` when the slices are not axial.
+    """
     ant = -np.array([volume.direction[1, 0], volume.direction[1, 1]])  # patient y along columns, rows
     if np.hypot(*ant) < 0.5:
         return None

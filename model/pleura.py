@@ -220,7 +220,8 @@ def _reach(r_out: np.ndarray, valid: np.ndarray, r_rib: np.ndarray, wall_rib: np
     wall = wall_rib - wall_gap
     short = valid & np.isfinite(wall_rib) & (wall - r_out > 3.0) & (wall_rib - r_out < max_depth_mm)
     near = valid & np.isfinite(wall_rib) & (wall - r_out <= 1.5)
-    short = _bridged(ndi.binary_opening(short, structure=np.ones((1, 5), dtype=bool)), near, reach=6, one_side=one_side)
+    short = ndi.binary_opening(short, structure=np.ones((1, 5), dtype=bool))
+    short = _bridged(short, near, reach=6, one_side=one_side)
     return hi, np.where(short, wall, -np.inf)
 
 
@@ -314,7 +315,8 @@ def close_radially(parts: list[np.ndarray], allowed: np.ndarray, ribs: np.ndarra
         # are not dents and are not filled
         closed = ndi.grey_closing(padded, structure=ball, mode="constant", cval=0.0)[:, bt:-bt]
         grow = np.zeros_like(r_out)
-        grow[span] = np.where(valid[span] & away & (closed - sub > 1.0) & (closed - sub <= max_fill_mm), closed, 0.0)
+        dent = closed - sub
+        grow[span] = np.where(valid[span] & away & (dent > 1.0) & (dent <= max_fill_mm), closed, 0.0)
         others = np.logical_or.reduce([p for j, p in enumerate(parts) if j != i]) if len(parts) > 1 else None
         grown = part.copy()
         for k in np.nonzero(grow.any(axis=1))[0]:
