@@ -2,7 +2,8 @@
 
 Each round sends the same files over one association into a fresh Orthanc
 (started with TCP_NODELAY=1, empty storage) four ways, in an order that
-rotates between rounds:
+rotates between rounds (ratios: time relative to storescu into the
+TCP_NODELAY=1 Orthanc of the same round):
 
 - ``storescu``: DCMTK storescu (TCP_NODELAY=1), the process timed from start
   to exit (a C program: its start is a few milliseconds);
@@ -15,6 +16,11 @@ rotates between rounds:
   path, for reference;
 - ``lungnode send (CLI)``: ``python -m node.cli send`` end to end, from
   process start to exit (imports, configuration, file scan, progress bar).
+
+Then storescu and ``send_files`` once more into an Orthanc started without
+TCP_NODELAY (storescu without it too), as Debian ships them: a DCMTK sender
+waits for delayed acknowledgements there, the node must not (``--skip-nagle``
+leaves these out; the storescu case takes about 40 ms per instance).
 
 Every case checks that Orthanc holds all instances afterwards. Printed:
 seconds, instances per second, time relative to storescu in the same round,
@@ -73,7 +79,7 @@ def run_storescu(dirs: list[Path], o: Orthanc) -> tuple[float, float]:
     cmd = ["storescu", "-aec", o.aet, "-aet", "STORESCU", "+sd", "+r", "127.0.0.1",
            str(o.dicom_port), *map(str, dirs)]
     c0, t0 = _children_cpu(), time.perf_counter()
-    res = subprocess.run(cmd, env=env_for(True), capture_output=True, text=True)
+    res = subprocess.run(cmd, env=env_for(o.tcp_nodelay), capture_output=True, text=True)
     t, cpu = time.perf_counter() - t0, _children_cpu() - c0
     if res.returncode != 0:
         raise RuntimeError(f"storescu failed: {res.stderr[-2000:]}")
@@ -123,6 +129,8 @@ def main() -> None:
     ap.add_argument("--slices", type=int, default=240)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--data", type=Path, help="reuse (or create) the generated data in this folder")
+    ap.add_argument("--skip-nagle", action="store_true",
+                    help="skip the two cases with Orthanc and storescu without TCP_NODELAY")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="lungnode-bench-scu-"))
     try:
@@ -136,28 +144,33 @@ def main() -> None:
         n = len(files)
         print(f"{n} instances of 512x512 CT ({sum(f.stat().st_size for f in files) / 2**20:.0f} MiB, "
               f"{time.perf_counter() - t0:.0f} s to make or find); load: {os.getloadavg()}")
-        cases: list[tuple[str, Callable[[Orthanc, Path], tuple[float, float]]]] = [
-            ("storescu", lambda o, w: run_storescu(dirs, o)),
-            ("node send_files", lambda o, w: run_send_files(files, o, True)),
-            ("pynetdicom send_c_store", lambda o, w: run_send_files(files, o, False)),
-            ("lungnode send (CLI)", lambda o, w: run_cli(dirs, o, w)),
+        Case = tuple[str, bool, Callable[[Orthanc, Path], tuple[float, float]]]
+        cases: list[Case] = [
+            ("storescu", True, lambda o, w: run_storescu(dirs, o)),
+            ("node send_files", True, lambda o, w: run_send_files(files, o, True)),
+            ("pynetdicom send_c_store", True, lambda o, w: run_send_files(files, o, False)),
+            ("lungnode send (CLI)", True, lambda o, w: run_cli(dirs, o, w)),
         ]
+        if not args.skip_nagle:  # both ends as Debian ships them: Nagle on, delayed ACKs
+            cases += [("storescu, no TCP_NODELAY", False, lambda o, w: run_storescu(dirs, o)),
+                      ("node send_files, no TCP_NODELAY", False,
+                       lambda o, w: run_send_files(files, o, True))]
         rows: list[tuple[int, str, float, float, float]] = []
         for r in range(args.rounds):
             order = cases[r % len(cases):] + cases[:r % len(cases)]
             times: dict[str, tuple[float, float]] = {}
-            for label, fn in order:
-                work = tmp / f"r{r}-{label.split()[0]}"
-                with Orthanc(work / "orthanc", tcp_nodelay=True) as o:
+            for label, nodelay, fn in order:
+                work = tmp / f"r{r}-{label.split()[0]}-{nodelay}"
+                with Orthanc(work / "orthanc", tcp_nodelay=nodelay) as o:
                     times[label] = fn(o, work)
                     count = len(o.get("/instances"))
                     if count != n:
                         raise RuntimeError(f"{label}: Orthanc holds {count} of {n} instances")
                 shutil.rmtree(work, ignore_errors=True)
-            for label, _ in cases:
+            for label, _, _ in cases:
                 t, cpu = times[label]
                 rows.append((r + 1, label, t, cpu, t / times["storescu"][0]))
-        print(f"\n{'round':>5} {'sender into Orthanc (TCP_NODELAY=1)':36} {'s':>7} {'inst/s':>7} "
+        print(f"\n{'round':>5} {'sender into Orthanc':36} {'s':>7} {'inst/s':>7} "
               f"{'x storescu':>10} {'CPU s':>6}")
         for r, label, t, cpu, ratio in rows:
             print(f"{r:5} {label:36} {t:7.2f} {n / t:7.0f} {ratio:10.2f} {cpu:6.2f}")
