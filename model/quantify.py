@@ -135,7 +135,11 @@ def _reduce_mask(mask: np.ndarray, f: int, fz: int = 1) -> np.ndarray:
     if fz == 1:
         return counts * 2 >= f * f
     nz = -(-z // fz)
-    sums = np.add.reduceat(counts, np.arange(0, z, fz), axis=0)
+    full = (z // fz) * fz
+    sums = np.empty((nz, *counts.shape[1:]), dtype=np.uint16)
+    sums[: z // fz] = counts[:full].reshape(z // fz, fz, *counts.shape[1:]).sum(axis=1, dtype=np.uint16)
+    if full < z:  # (np.add.reduceat along the first axis is several times slower)
+        sums[-1] = counts[full:].sum(axis=0, dtype=np.uint16)
     sizes = np.minimum(fz, z - np.arange(nz) * fz)[:, None, None]
     return sums * 2 >= sizes * f * f
 
