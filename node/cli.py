@@ -6,6 +6,7 @@ configuration is loaded here once and passed down.
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import signal
@@ -94,6 +95,10 @@ def _load_predictor(s: Settings):  # type: ignore[no-untyped-def]
         err_console.print(f"[red]severity model: {exc}[/red]\n"
                           "Fix [model] in the configuration, or set enabled = false to run without it.")
         raise typer.Exit(2) from exc
+    # torch leaves some 200 000 long-lived objects; the cyclic garbage collector would walk
+    # them again and again during every analysis (about 0.5 s of a 600-slice load)
+    gc.collect()
+    gc.freeze()
     return engine.predict
 
 
