@@ -58,6 +58,10 @@ def child(dicom_dir: str, out_dir: str, with_cnn: bool) -> None:
         except ModelError as exc:
             print(json.dumps({"error": f"the default severity model cannot be loaded: {exc}"}))
             return
+        import gc
+
+        gc.collect()  # as `lungnode serve` does after loading the model (node/cli.py)
+        gc.freeze()
     t0 = time.perf_counter()
     ds = pydicom.dcmread(paths[0], stop_before_pixels=True)
     selected = SelectedSeries(str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), paths, "benchmark")
