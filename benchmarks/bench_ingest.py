@@ -214,7 +214,7 @@ def main() -> None:
             t_send = time.perf_counter() - t1
             assert len(o.get("/instances")) == n
 
-        w = 66
+        w = 72
         print(f"\n{'case':{w}} {'Orthanc inst/s':>15} {'node inst/s':>12} {'node/Orthanc time':>18}")
         for label, t_o, t_n in rows:
             print(f"{label:{w}} {n / t_o:15.0f} {n / t_n:12.0f} {t_n / t_o:18.2f}")

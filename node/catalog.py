@@ -246,7 +246,8 @@ class Catalog:
             pass
         conn = self._engine.raw_connection()
         if not self._sqlite:
-            conn.driver_connection.autocommit = True
+            driver: Any = conn.driver_connection
+            driver.autocommit = True
         return conn
 
     def _discard(self, conn: Any) -> None:

@@ -24,8 +24,8 @@ from typing import cast
 
 from pydicom.dataset import Dataset
 from pydicom.uid import (
-    UID,
     JPEG2000,
+    UID,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
@@ -51,8 +51,8 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
 from node.catalog import Catalog, InstanceRecord
-from node.errors import StorageError
 from node.db import make_engine, make_session_factory
+from node.errors import StorageError
 from node.settings import DicomSettings, Peer, Settings
 from node.storage import InstanceStore, validate_uid
 
@@ -119,7 +119,7 @@ def tune_connection(event: Event) -> None:
     event.assoc.dul._run_loop_delay = DUL_POLL_SECONDS
     quickack = getattr(socket, "TCP_QUICKACK", None)
     if isinstance(raw, socket.socket) and type(raw) is socket.socket:  # not TLS
-        assoc_socket.recv = _direct_recv(raw, quickack)  # type: ignore[method-assign]
+        assoc_socket.recv = _direct_recv(raw, quickack)  # type: ignore[method-assign,assignment]
     elif quickack is not None:
         recv = assoc_socket.recv
 
@@ -129,7 +129,7 @@ def tune_connection(event: Event) -> None:
 
         assoc_socket.recv = recv_quickack  # type: ignore[method-assign]
     if event.assoc.is_acceptor:
-        event.assoc._run_reactor = types.MethodType(_acceptor_reactor, event.assoc)
+        event.assoc._run_reactor = types.MethodType(_acceptor_reactor, event.assoc)  # type: ignore[method-assign]
 
 
 def _direct_recv(raw: socket.socket, quickack: int | None) -> Callable[[int], bytearray]:
@@ -515,7 +515,7 @@ class _ReusePortServer(ThreadedAssociationServer):
     """pynetdicom's threaded server, bound with ``SO_REUSEPORT`` (Linux, BSD)."""
 
     def server_bind(self) -> None:
-        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        cast(socket.socket, self.socket).setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         super().server_bind()
 
 

@@ -21,11 +21,11 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from node.catalog import Catalog
 from node.db import make_engine, make_session_factory
+from node.errors import ConfigError
 from node.jobs import claim_job, lease_owner, queue_stable_studies, release_orphaned_leases
 from node.migrate import upgrade
 from node.outbox import deliver_due
 from node.pipeline import NodeContext, Predictor, run_job
-from node.errors import ConfigError
 from node.scp import StoreSCP, run_receiver
 from node.settings import Settings
 from node.storage import InstanceStore

@@ -213,8 +213,15 @@ def test_sigkill_during_receive_and_during_job(tmp_path: Path, db_url: str,
 
 def _receiver_pids(serve_pid: int) -> list[int]:
     """The serve process's receiver children (not multiprocessing's resource tracker)."""
-    return [c.pid for c in psutil.Process(serve_pid).children()
-            if "resource_tracker" not in " ".join(c.cmdline())]
+    pids = []
+    for child in psutil.Process(serve_pid).children():
+        try:  # a receiver just killed is a zombie until serve's monitor reaps it
+            if child.status() != psutil.STATUS_ZOMBIE and \
+                    "resource_tracker" not in " ".join(child.cmdline()):
+                pids.append(child.pid)
+        except psutil.Error:
+            continue
+    return pids
 
 
 def _send_in_parallel(port: int, parts: list[list[Path]]) -> list[str]:
