@@ -146,11 +146,22 @@ def _pg_setting(name: str) -> str:
         return "(PostgreSQL not reachable)"
 
 
+_SCHEMAS: list[str] = []
+
+
 def fresh_pg_schema() -> str:
     schema = f"bench_{uuid.uuid4().hex[:8]}"
     with sa.create_engine(PG).begin() as c:
         c.exec_driver_sql(f"CREATE SCHEMA {schema}")
+    _SCHEMAS.append(schema)
     return f"{PG}?options=-csearch_path%3D{schema}"
+
+
+def drop_pg_schemas() -> None:
+    if _SCHEMAS:
+        with sa.create_engine(PG).begin() as c:
+            for schema in _SCHEMAS:
+                c.exec_driver_sql(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
 
 
 def main() -> None:
@@ -234,6 +245,7 @@ def main() -> None:
               f"{t_send / t_scu:18.2f}")
         print("(node send time includes starting the CLI process, about 1 s)")
     finally:
+        drop_pg_schemas()
         shutil.rmtree(tmp, ignore_errors=True)
 
 
