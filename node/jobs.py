@@ -111,7 +111,7 @@ def claim_job(session: Session, owner: str, lease_seconds: float,
         study = session.get_one(Study, job.study_id)
         if job.state == JobState.RUNNING and job.attempts >= MAX_JOB_ATTEMPTS:
             msg = (f"analysis did not finish in {job.attempts} attempts (worker stopped or "
-                   f"timed out each time); check the worker's log, then `lungnode studies retry`")
+                   f"timed out each time); check the worker's log, then `lungnode retry <study>`")
             _fail(session, job, study, msg, now)
             session.commit()
             continue

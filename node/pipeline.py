@@ -219,10 +219,6 @@ def run_job(ctx: NodeContext, claimed: ClaimedJob) -> StudyState:
         with _Heartbeat(ctx, claimed.job_id) as heartbeat:
             selected = select_series(stored, selection_rules(s.selection))
             _record_selection(ctx, claimed, selected)
-            if s.analysis.anonymize:
-                archived = anonymize(selected, s.archive_root, uid_map,
-                                     salt=_anonymization_salt(s.archive_root))
-                _record_uid_map(ctx, claimed, uid_map, archived.uid_map)
             analysis = analyse(selected, s.analysis, ctx.predictor)
             predecessor = (pydicom.dcmread(previous_sr_path, stop_before_pixels=True)
                            if previous_sr_path and previous_sr_path.exists() else None)
@@ -237,8 +233,10 @@ def run_job(ctx: NodeContext, claimed: ClaimedJob) -> StudyState:
             if heartbeat.lost.is_set():
                 logger.warning("job %d: lease lost; results discarded", claimed.job_id)
                 return StudyState.ANALYSING
-            return _commit_results(ctx, claimed, version, objects, paths, rel_dir,
-                                   summarise(analysis))
+            state = _commit_results(ctx, claimed, version, objects, paths, rel_dir, summarise(analysis))
+        if state == StudyState.COMPLETE and s.analysis.anonymize:
+            _archive(ctx, claimed, selected, uid_map)
+        return state
     except SelectionError as exc:
         with ctx.sessions() as session:
             finish_job_failed(session, claimed.job_id, ctx.owner, str(exc), StudyState.REJECTED)
@@ -261,6 +259,29 @@ def _record_selection(ctx: NodeContext, claimed: ClaimedJob, selected: SelectedS
         session.add(AuditEntry(actor="worker", action="series-selected", study_id=study.id,
                                detail=selected.reason))
         session.commit()
+
+
+def _archive(ctx: NodeContext, claimed: ClaimedJob, selected: SelectedSeries,
+             uid_map: dict[str, str]) -> None:
+    """The de-identified copy of the analysed series, after the results are committed.
+
+    The archive feeds training, not the radiologist: it runs once the results
+    are in the outbox (de-identifying a 300-slice series takes longer than
+    analysing it), and a failure is recorded on the study (audit entry
+    ``archive-failed``) without withdrawing the results.  ``lungnode retry``
+    analyses and archives again.
+    """
+    s = ctx.settings
+    try:
+        archived = anonymize(selected, s.archive_root, uid_map, salt=_anonymization_salt(s.archive_root))
+        _record_uid_map(ctx, claimed, uid_map, archived.uid_map)
+    except (LungnodeError, OSError) as exc:
+        logger.error("job %d: de-identified archive not written: %s", claimed.job_id, exc)
+        with ctx.sessions() as session:
+            session.add(AuditEntry(actor="worker", action="archive-failed", study_id=claimed.study_id,
+                                   detail=f"{type(exc).__name__}: {exc}; the results were sent; "
+                                          "fix the cause, then `lungnode retry <study>` to archive"))
+            session.commit()
 
 
 def _record_uid_map(ctx: NodeContext, claimed: ClaimedJob, known: dict[str, str],

@@ -121,6 +121,18 @@ def test_trachea_is_not_lung_above_the_carina(real: dict[str, Analysis], kernel:
     assert masks.both[superior[:4]].any()  # while the apices are there
 
 
+@pytest.mark.parametrize("kernel", ["B70f", "B40f"])
+def test_the_mask_covers_the_visibly_dark_lung(real: dict[str, Analysis], kernel: str) -> None:
+    """Dark (air-like) voxels inside the body are lung, but for the airways and stomach gas."""
+    volume, masks, _ = real[kernel]
+    hu = ndimage.gaussian_filter(volume.hu.astype(np.float32), (0.0, 1.0, 1.0))
+    body = np.stack([ndimage.binary_fill_holes(s > -500) for s in volume.hu])
+    dark = (hu < -600) & body
+    assert np.count_nonzero(dark & masks.both) >= 0.97 * np.count_nonzero(dark)
+    # what stays out is small: trachea, main bronchi, the gastric bubble (about 50 ml here)
+    assert np.count_nonzero(dark & ~masks.both) * volume.voxel_volume_ml < 100.0
+
+
 def test_real_study_quality_flags(real: dict[str, Analysis]) -> None:
     _, masks, q = real["B70f"]
     assert masks.both[0].any()  # the series starts below the lung bases

@@ -13,7 +13,8 @@ from pydicom.encaps import encapsulate, generate_frames
 from pydicom.uid import JPEG2000Lossless, generate_uid
 from sqlalchemy import func, select
 
-from node.db import Instance, ResultObject, Study, StudyState
+from node.db import AuditEntry, Instance, ResultObject, Study, StudyState, UidMapping
+from node.errors import AnonymizationError
 from node.service import Node
 from node.settings import Settings
 from tests.conftest import B40F
@@ -104,3 +105,49 @@ def test_corrupt_compressed_pixel_data_fails_with_the_instance_named(node: Node,
     assert "cannot decode pixel data" in (study.reason or "")
     assert bad_uid[0] in (study.reason or "")
     _no_results(node, 30)
+
+
+def test_results_first_then_the_de_identified_archive(node: Node, tmp_path: Path) -> None:
+    _send(node, _copy(tmp_path, "good", lambda i, ds: None))
+    study = _final(node)
+    assert study.state == StudyState.COMPLETE, study.reason
+    deadline = time.monotonic() + 60  # the archive follows the committed results
+    while time.monotonic() < deadline:
+        with node.sessions() as s:
+            mapped = s.scalar(select(func.count()).select_from(UidMapping))
+        if mapped:
+            break
+        time.sleep(0.2)
+    with node.sessions() as s:
+        assert s.scalar(select(func.count()).select_from(ResultObject)) == 3
+        new_study = s.scalar(select(UidMapping.anonymized_uid).where(
+            UidMapping.original_uid == study.study_instance_uid))
+    assert new_study is not None and new_study != study.study_instance_uid
+    files = sorted((node.settings.archive_root / new_study).rglob("*.dcm"))
+    assert len(files) == 30
+    ds = pydicom.dcmread(files[0], stop_before_pixels=True)
+    assert ds.StudyInstanceUID == new_study and ds.PatientIdentityRemoved == "YES"
+
+
+def test_a_failing_archive_keeps_the_results_and_says_why(node: Node, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    import node.pipeline as pipeline
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise AnonymizationError("archive disk is read-only")
+
+    monkeypatch.setattr(pipeline, "anonymize", broken)
+    _send(node, _copy(tmp_path, "good", lambda i, ds: None))
+    study = _final(node)
+    assert study.state == StudyState.COMPLETE, study.reason
+    deadline = time.monotonic() + 60
+    entry = None
+    while entry is None and time.monotonic() < deadline:
+        with node.sessions() as s:
+            entry = s.scalars(select(AuditEntry).where(AuditEntry.action == "archive-failed")).first()
+        time.sleep(0.2)
+    assert entry is not None and "archive disk is read-only" in (entry.detail or "")
+    assert "lungnode retry" in (entry.detail or "")
+    with node.sessions() as s:
+        assert s.scalar(select(func.count()).select_from(ResultObject)) == 3
+        assert s.scalar(select(func.count()).select_from(UidMapping)) == 0
