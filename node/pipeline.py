@@ -235,7 +235,7 @@ def run_job(ctx: NodeContext, claimed: ClaimedJob) -> StudyState:
                 return StudyState.ANALYSING
             state = _commit_results(ctx, claimed, version, objects, paths, rel_dir, summarise(analysis))
         if state == StudyState.COMPLETE and s.analysis.anonymize:
-            _archive(ctx, claimed, selected, uid_map)
+            _archive(ctx, claimed.study_id, f"job {claimed.job_id}", selected, uid_map)
         return state
     except SelectionError as exc:
         with ctx.sessions() as session:
@@ -261,37 +261,69 @@ def _record_selection(ctx: NodeContext, claimed: ClaimedJob, selected: SelectedS
         session.commit()
 
 
-def _archive(ctx: NodeContext, claimed: ClaimedJob, selected: SelectedSeries,
-             uid_map: dict[str, str]) -> None:
+def _archive(ctx: NodeContext, study_id: int, label: str, selected: SelectedSeries,
+             uid_map: dict[str, str]) -> bool:
     """The de-identified copy of the analysed series, after the results are committed.
 
     The archive feeds training, not the radiologist: it runs once the results
     are in the outbox (de-identifying a 300-slice series takes longer than
     analysing it), and a failure is recorded on the study (audit entry
     ``archive-failed``) without withdrawing the results.  ``lungnode retry``
-    analyses and archives again.
+    analyses and archives again; :func:`archive_pending` catches up after a
+    crash between the two.
     """
     s = ctx.settings
     try:
         archived = anonymize(selected, s.archive_root, uid_map, salt=_anonymization_salt(s.archive_root))
-        _record_uid_map(ctx, claimed, uid_map, archived.uid_map)
+        _record_uid_map(ctx, study_id, uid_map, archived.uid_map)
+        return True
     except (LungnodeError, OSError) as exc:
-        logger.error("job %d: de-identified archive not written: %s", claimed.job_id, exc)
+        logger.error("%s: de-identified archive not written: %s", label, exc)
         with ctx.sessions() as session:
-            session.add(AuditEntry(actor="worker", action="archive-failed", study_id=claimed.study_id,
+            session.add(AuditEntry(actor="worker", action="archive-failed", study_id=study_id,
                                    detail=f"{type(exc).__name__}: {exc}; the results were sent; "
                                           "fix the cause, then `lungnode retry <study>` to archive"))
             session.commit()
+        return False
 
 
-def _record_uid_map(ctx: NodeContext, claimed: ClaimedJob, known: dict[str, str],
+def archive_pending(ctx: NodeContext) -> int:
+    """Write the archive copies that a stop between results and archive left out.
+
+    Complete studies with an analysed series and no UID mapping yet (the
+    mapping is recorded with the archive copy) are archived now; returns how
+    many were written.  The node runs this once when its first worker starts.
+    """
+    s = ctx.settings
+    if not s.analysis.anonymize:
+        return 0
+    with ctx.sessions() as session:
+        mapped = select(UidMapping.study_id)
+        todo = [(st.id, st.study_instance_uid, st.selected_series_uid) for st in session.scalars(
+            select(Study).where(Study.state == StudyState.COMPLETE,
+                                Study.selected_series_uid.is_not(None), Study.id.not_in(mapped)))]
+    written = 0
+    for study_id, study_uid, series_uid in todo:
+        with ctx.sessions() as session:
+            stored = stored_study(session, study_id, s.storage.root)
+        paths = tuple(i.path for i in stored.instances if i.series_instance_uid == series_uid)
+        if not paths:
+            continue
+        selected = SelectedSeries(study_uid, str(series_uid), paths, "archive after a stop")
+        if _archive(ctx, study_id, f"study {study_id}", selected, {}):
+            logger.info("study %d: de-identified archive written after a stop", study_id)
+            written += 1
+    return written
+
+
+def _record_uid_map(ctx: NodeContext, study_id: int, known: dict[str, str],
                     new_map: dict[str, str]) -> None:
     added = {k: v for k, v in new_map.items() if k not in known}
     if not added:
         return
     with ctx.sessions() as session:
         for original, anon in added.items():
-            session.add(UidMapping(study_id=claimed.study_id, original_uid=original,
+            session.add(UidMapping(study_id=study_id, original_uid=original,
                                    anonymized_uid=anon))
         session.commit()
 

@@ -25,7 +25,7 @@ from node.errors import ConfigError
 from node.jobs import claim_job, lease_owner, queue_stable_studies, release_orphaned_leases
 from node.migrate import upgrade
 from node.outbox import deliver_due
-from node.pipeline import NodeContext, Predictor, run_job
+from node.pipeline import NodeContext, Predictor, archive_pending, run_job
 from node.scp import StoreSCP, run_receiver
 from node.settings import Settings
 from node.storage import InstanceStore
@@ -196,6 +196,12 @@ class Node:
                     state.value)
         return True
 
+    def _archive_pending(self) -> None:
+        try:
+            archive_pending(self.ctx)
+        except Exception:  # noqa: BLE001 - a catch-up must not take the node down; the next start retries
+            logger.exception("archive catch-up failed")
+
     def _worker_loop(self) -> None:
         while not self._stop.is_set():
             if not self.work_once():
@@ -222,6 +228,7 @@ class Node:
             sched.start()
             self._scheduler = sched
         if self._work:
+            threading.Thread(target=self._archive_pending, name="archive-catch-up", daemon=True).start()
             for i in range(s.worker.count):
                 t = threading.Thread(target=self._worker_loop, name=f"worker-{i}", daemon=True)
                 t.start()

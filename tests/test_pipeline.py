@@ -151,3 +151,38 @@ def test_a_failing_archive_keeps_the_results_and_says_why(node: Node, tmp_path: 
     with node.sessions() as s:
         assert s.scalar(select(func.count()).select_from(ResultObject)) == 3
         assert s.scalar(select(func.count()).select_from(UidMapping)) == 0
+
+
+def test_an_archive_left_out_by_a_stop_is_written_by_the_next_start(
+        tmp_path: Path, make_settings: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stop between committing the results and writing the archive loses no archive copy."""
+    import node.pipeline as pipeline
+
+    settings = make_settings(f"sqlite:///{tmp_path / 'n.db'}", port=free_port(),
+                             peers=[{"name": "ct", "ae_title": "STORESCU", "host": "127.0.0.1",
+                                     "port": 104}])
+    real_archive = pipeline._archive
+    monkeypatch.setattr(pipeline, "_archive", lambda *a, **k: False)  # the worker "stops" right here
+    first = Node(settings)
+    first.start()
+    try:
+        _send(first, _copy(tmp_path, "good", lambda i, ds: None))
+        assert _final(first).state == StudyState.COMPLETE
+    finally:
+        first.stop()
+    with first.sessions() as s:
+        assert s.scalar(select(func.count()).select_from(UidMapping)) == 0
+    monkeypatch.setattr(pipeline, "_archive", real_archive)
+    second = Node(settings)
+    second.start()
+    try:
+        deadline = time.monotonic() + 60
+        mapped = 0
+        while not mapped and time.monotonic() < deadline:
+            with second.sessions() as s:
+                mapped = s.scalar(select(func.count()).select_from(UidMapping)) or 0
+            time.sleep(0.2)
+        assert mapped > 0
+        assert len(list(settings.archive_root.rglob("*.dcm"))) == 30
+    finally:
+        second.stop()
