@@ -46,23 +46,17 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from benchmarks.bench_ingest import make_data as make_files  # noqa: E402
 from node import outbox  # noqa: E402
 from node.outbox import send_files  # noqa: E402
 from node.settings import DicomSettings, Peer  # noqa: E402
 from tests.dcmtk import env_for  # noqa: E402
 from tests.peers import Orthanc  # noqa: E402
-from training.synth import SynthSpec, write_study  # noqa: E402
 
 
 def make_data(root: Path, studies: int, slices: int) -> list[Path]:
-    """Folders of 512x512 CT from the generator, one per study."""
-    dirs = []
-    for k in range(studies):
-        study = write_study(root / f"study{k}", SynthSpec(involvement=0.1 * k, seed=100 + k,
-                                                          slices=slices, rows=512,
-                                                          slice_thickness_mm=1.25))
-        dirs.append(study.dicom_dir)
-    return dirs
+    """The ingest benchmark's studies (same generator settings), one folder per study."""
+    return sorted({p.parent for p in make_files(root, studies, slices)})
 
 
 def _children_cpu() -> float:
