@@ -1,4 +1,7 @@
-"""Dense lung along the chest wall: the pleural step of :mod:`model.lungs`.
+"""Dense lung along the chest wall: the pleural steps of :mod:`model.lungs`.
+
+:func:`fill_along_pleura` works per slice (below); :func:`close_radially`
+closes each lung's outline over angle and height (its docstring).
 
 Air thresholds lose the lung where disease fills it up to the pleura
 (peripheral consolidation): the air outline then shows a dent against the
@@ -29,7 +32,7 @@ from scipy import ndimage as ndi
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["fill_along_pleura"]
+__all__ = ["close_radially", "fill_along_pleura"]
 
 _BINS = 360
 
