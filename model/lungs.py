@@ -50,9 +50,11 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import cv2
 import numpy as np
 from scipy import ndimage as ndi
 
+from model import morph
 from model.errors import SegmentationError
 from model.pleura import close_radially, fill_along_pleura
 from model.volume import CTVolume
@@ -62,7 +64,7 @@ __all__ = ["LungMasks", "LungParams", "block_mean", "expand_slices", "segment_lu
 
 logger = logging.getLogger(__name__)
 
-_PLANE = np.ones((1, 3, 3), dtype=bool)
+_SQUARE = np.ones((3, 3), dtype=bool)
 
 
 @dataclass(frozen=True, eq=False)
@@ -136,14 +138,14 @@ def block_mean(hu: np.ndarray, f: int, fz: int = 1) -> np.ndarray:
     z, y, x = hu.shape
     y2, x2 = (y // f) * f, (x // f) * f
     nz = -(-z // fz)
-    out = np.zeros((nz, y2 // f, x2 // f), dtype=np.float32)
+    out = np.empty((nz, y2 // f, x2 // f), dtype=np.float32)
     for k in range(nz):  # slab by slab: no full-size float copy of the volume
-        slab = hu[k * fz:(k + 1) * fz]
-        acc = out[k]
-        for i in range(f):
-            for j in range(f):
-                acc += slab[:, i:y2:f, j:x2:f].sum(axis=0, dtype=np.float32)
-        acc *= 1.0 / (f * f * slab.shape[0])
+        slab = hu[k * fz:(k + 1) * fz, :y2, :x2]
+        total = slab.sum(axis=0, dtype=np.float32) if slab.shape[0] > 1 else slab[0].astype(np.float32)
+        # an area resize by a whole factor is the block mean (OpenCV: twice as fast as strided sums)
+        out[k] = cv2.resize(total, (x2 // f, y2 // f), interpolation=cv2.INTER_AREA)
+        if slab.shape[0] > 1:
+            out[k] *= 1.0 / slab.shape[0]
     return out
 
 
@@ -167,64 +169,25 @@ def upsample_mask(mask: np.ndarray, f: int, shape: tuple[int, ...]) -> np.ndarra
     return up
 
 
-def _disk(radius: int) -> np.ndarray:
-    r = max(radius, 1)
-    yy, xx = np.mgrid[-r:r + 1, -r:r + 1]
-    return (yy * yy + xx * xx) <= r * r + r // 2
+_disk = morph.disk
 
 
-def _in_plane(structure2d: np.ndarray) -> np.ndarray:
-    """A 3x3x3 structure that connects within slices only."""
-    out = np.zeros((3, 3, 3), dtype=bool)
-    out[1] = structure2d
-    return out
-
-
-_CROSS_2D = _in_plane(ndi.generate_binary_structure(2, 1))
-_SQUARE_2D = _in_plane(np.ones((3, 3), dtype=bool))
-
-
-def _largest_per_slice(mask: np.ndarray) -> np.ndarray:
-    """The largest connected region of each slice."""
-    lab, n = ndi.label(mask, structure=_SQUARE_2D)
-    if n == 0:
-        return mask
-    sizes = np.bincount(lab.ravel(), minlength=n + 1)
-    sizes[0] = 0
-    last = np.maximum.accumulate(lab.reshape(lab.shape[0], -1).max(axis=1))  # labels run slice by slice
-    keep = np.zeros(n + 1, dtype=bool)
-    first = 1
-    for top in last:
-        if top >= first:
-            keep[first + int(np.argmax(sizes[first:top + 1]))] = True
-            first = top + 1
-    return keep[lab]
-
-
-def _fill_holes(mask: np.ndarray) -> np.ndarray:
-    """Fill the holes of each slice (background not connected to the slice's border)."""
-    if not mask.any():
-        return mask.copy()
-    lab, n = ndi.label(~mask, structure=_CROSS_2D)
-    outer = np.zeros(n + 1, dtype=bool)
-    for edge in (lab[:, 0, :], lab[:, -1, :], lab[:, :, 0], lab[:, :, -1]):
-        outer[edge] = True
-    outer[0] = True
-    return mask | ~outer[lab]
+_fill_holes = morph.fill_holes
 
 
 def _padded(op: Callable[..., np.ndarray], mask: np.ndarray, radius_px: int) -> np.ndarray:
-    """A morphological ``op`` with an in-plane disk, on a copy padded so the border does not act."""
+    """A morphological ``op`` of :mod:`model.morph` with an in-plane disk, on a copy padded so the
+    border does not act."""
     pad = radius_px + 1
     padded = np.pad(mask, ((0, 0), (pad, pad), (pad, pad)))
-    return op(padded, structure=_disk(radius_px)[None])[:, pad:-pad, pad:-pad]
+    return op(padded, _disk(radius_px))[:, pad:-pad, pad:-pad]
 
 
 def _body(small: np.ndarray, body_hu: float, open_px: int) -> np.ndarray:
     """Per slice: the largest soft-tissue region (the table detached), holes filled."""
     dense = small > body_hu
-    core = _largest_per_slice(_padded(ndi.binary_opening, dense, open_px))
-    return _fill_holes(core | _padded(ndi.binary_dilation, core, open_px) & dense)
+    core = morph.largest_per_slice(_padded(morph.opening, dense, open_px))
+    return _fill_holes(core | _padded(morph.dilate, core, open_px) & dense)
 
 
 def _airways(small: np.ndarray, inside: np.ndarray, body: np.ndarray, top_first: bool,
@@ -264,7 +227,7 @@ def _airways(small: np.ndarray, inside: np.ndarray, body: np.ndarray, top_first:
     airway[seed_slice] = seed & strict[seed_slice] if (seed & strict[seed_slice]).any() else seed
     prev = airway[seed_slice]
     for k in order[order.index(seed_slice) + 1:]:
-        reach = ndi.binary_dilation(prev, structure=_disk(2))
+        reach = morph.dilate(prev, _disk(2))
         lab, n = ndi.label(strict[k])
         if n == 0:
             break
@@ -277,7 +240,7 @@ def _airways(small: np.ndarray, inside: np.ndarray, body: np.ndarray, top_first:
             break
         prev = np.isin(lab, keep)
         airway[k] = prev
-    return ndi.binary_dilation(airway, structure=_PLANE) & inside
+    return morph.dilate(airway, _SQUARE) & inside
 
 
 def _gas_pockets(candidate: np.ndarray, small: np.ndarray, voxel_ml: float,
@@ -301,8 +264,8 @@ def _gas_pockets(candidate: np.ndarray, small: np.ndarray, voxel_ml: float,
     for i in big:
         sl = tuple(slice(max(0, a.start - 2), a.stop + 2) for a in boxes[i - 1])
         comp = lab[sl] == i
-        rim = ndi.binary_dilation(comp, structure=_SQUARE_2D, iterations=2)
-        ring = ndi.binary_dilation(rim, structure=_SQUARE_2D) & ~rim
+        rim = morph.dilate(comp, _SQUARE, iterations=2)
+        ring = morph.dilate(rim, _SQUARE) & ~rim
         if np.count_nonzero(ring & (small[sl] > params.air_hu)) > 0.5 * np.count_nonzero(ring):
             gas[sl] |= rim & candidate[sl]
     return gas
@@ -312,7 +275,7 @@ def _split(component: np.ndarray, params: LungParams, min_vox: int) -> list[np.n
     """Split one air component into two lungs by erosion and nearest-seed growth."""
     eroded = component
     for _ in range(params.max_split_erosions):
-        eroded = ndi.binary_erosion(eroded, structure=_PLANE)
+        eroded = morph.erode(eroded, _SQUARE)
         lab, n = ndi.label(eroded)
         if n < 2:
             continue
@@ -412,9 +375,9 @@ def _refine(volume: CTVolume, f: int, fz: int, left_c: np.ndarray, right_c: np.n
     left = np.zeros(shape, dtype=bool)
     right = np.zeros(shape, dtype=bool)
     both_c = left_c | right_c
-    core = ndi.binary_erosion(both_c, structure=_PLANE)
-    band = ndi.binary_dilation(both_c, structure=_PLANE) & ~core & ~airway_c
-    near_left = ndi.binary_dilation(left_c, structure=_PLANE) & ~right_c
+    core = morph.erode(both_c, _SQUARE)
+    band = morph.dilate(both_c, _SQUARE) & ~core & ~airway_c
+    near_left = morph.dilate(left_c, _SQUARE) & ~right_c
     sigma = 0.5 * f
     core_only = core.any(axis=(1, 2)) & ~band.any(axis=(1, 2))
     for k in range(shape[0]):
@@ -429,7 +392,7 @@ def _refine(volume: CTVolume, f: int, fz: int, left_c: np.ndarray, right_c: np.n
         r0, r1 = rows[0] * f, min(shape[1], (rows[-1] + 1) * f)
         c0, c1 = cols[0] * f, min(shape[2], (cols[-1] + 1) * f)
         sub = volume.hu[k, r0:r1, c0:c1].astype(np.float32)
-        air = ndi.gaussian_filter(sub, sigma, truncate=2.0) < air_hu
+        air = morph.gaussian(sub, sigma, truncate=2.0) < air_hu
         part = (slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1))
         up = (r1 - r0, c1 - c0)
         lung = (upsample_mask(core[kc][part], f, up)
@@ -476,8 +439,7 @@ def segment_lungs(volume: CTVolume, *, params: LungParams = LungParams()) -> Lun
     fz = slice_group(volume.spacing[0], params.slice_grid_mm)
     sy, sx = volume.spacing[1] * f, volume.spacing[2] * f
     sz = volume.spacing[0] * fz
-    small = ndi.gaussian_filter(block_mean(volume.hu, f, fz), (0.0, params.smooth_px, params.smooth_px),
-                                truncate=2.5)
+    small = morph.gaussian(block_mean(volume.hu, f, fz), params.smooth_px, truncate=2.5)
     voxel_ml = sz * sy * sx / 1000.0
     body = _body(small, params.body_hu, max(1, int(round(params.table_gap_mm / sy))))
     air = small < params.air_hu
@@ -496,7 +458,7 @@ def segment_lungs(volume: CTVolume, *, params: LungParams = LungParams()) -> Lun
     allowed = body[box] & (small[box] < params.bone_hu) & ~airway[box]
     crop = close_radially(crop, allowed, body[box] & (small[box] > params.rib_hu), (sz, sy, sx))
     radius = max(1, int(round(params.pleura_close_mm / sy)))
-    crop = [_fill_holes(p | _padded(ndi.binary_closing, p, radius)) & ~airway[box] for p in crop]
+    crop = [_fill_holes(p | _padded(morph.closing, p, radius)) & ~airway[box] for p in crop]
     if len(crop) == 2:  # a voxel both lungs grew into goes to the one whose air it was
         overlap = crop[0] & crop[1]
         to_second = overlap & parts[1][box]

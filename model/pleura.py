@@ -30,6 +30,8 @@ from collections.abc import Callable
 import numpy as np
 from scipy import ndimage as ndi
 
+from model import morph
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["close_radially", "fill_along_pleura"]
@@ -37,10 +39,7 @@ __all__ = ["close_radially", "fill_along_pleura"]
 _BINS = 360
 
 
-def _disk(radius: int) -> np.ndarray:
-    r = max(radius, 1)
-    yy, xx = np.mgrid[-r:r + 1, -r:r + 1]
-    return (yy * yy + xx * xx) <= r * r + r // 2
+_disk = morph.disk
 
 
 def fill_along_pleura(parts: list[np.ndarray], hu: np.ndarray, body: np.ndarray,
@@ -99,7 +98,7 @@ def fill_along_pleura(parts: list[np.ndarray], hu: np.ndarray, body: np.ndarray,
     ang = np.arctan2(dy, dx)
     bone = (hu > bone_hu) & body
     bz, by, bx = np.nonzero(bone)
-    thick = _disk(max(1, int(round(2.0 / min(sy, sx)))))[None]
+    thick = _disk(max(1, int(round(2.0 / min(sy, sx)))))
     n_z = hu.shape[0]
     max_gap = int(max_gap_deg * _BINS / 360.0)
     out = []
@@ -133,7 +132,7 @@ def fill_along_pleura(parts: list[np.ndarray], hu: np.ndarray, body: np.ndarray,
             keep = body[k] & ~bone[k] & ~part[k] & (radius > lo[k][tb])
             added[k] = keep & (radius <= hi[k][tb])
             along[k] = keep & (radius <= to_wall[k][tb])
-        out.append(part | ndi.binary_opening(added, structure=thick) | along)
+        out.append(part | morph.opening(added, thick) | along)
     return out
 
 
@@ -223,7 +222,7 @@ def _reach(r_out: np.ndarray, valid: np.ndarray, r_rib: np.ndarray, wall_rib: np
     wall = wall_rib - wall_gap
     short = valid & np.isfinite(wall_rib) & (wall - r_out > 3.0) & (wall_rib - r_out < max_depth_mm)
     near = valid & np.isfinite(wall_rib) & (wall - r_out <= 1.5)
-    short = ndi.binary_opening(short, structure=np.ones((1, 5), dtype=bool))
+    short = morph.opening(short, np.ones((1, 5), dtype=bool))
     short = _bridged(short, near, reach=6, one_side=one_side)
     return hi, np.where(short, wall, -np.inf)
 

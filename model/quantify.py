@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage as ndi
 
+from model import morph
 from model.lungs import LungMasks, block_mean, expand_slices, slice_group, upsample_mask
 from model.volume import CTVolume
 
@@ -145,9 +146,10 @@ def _reduce_mask(mask: np.ndarray, f: int, fz: int = 1) -> np.ndarray:
 
 
 def _disk(radius_px: float) -> np.ndarray:
+    """A 2D disk of radius ``radius_px`` (fractional radii allowed)."""
     r = max(1, int(np.floor(radius_px)))
     yy, xx = np.mgrid[-r:r + 1, -r:r + 1]
-    return ((yy * yy + xx * xx) <= radius_px * radius_px + 0.25)[None]
+    return (yy * yy + xx * xx) <= radius_px * radius_px + 0.25
 
 
 def _neighbour_noise(hu: np.ndarray, lung: np.ndarray) -> float | None:
@@ -187,8 +189,8 @@ def _smooth_in_lung(hu: np.ndarray, lung: np.ndarray, sigma: float) -> np.ndarra
         if not m.any():
             out[k] = hu[k]
             continue
-        num = ndi.gaussian_filter(hu[k] * m, sigma, truncate=2.5)
-        den = ndi.gaussian_filter(m, sigma, truncate=2.5)
+        num = morph.gaussian(hu[k] * m, sigma, truncate=2.5)
+        den = morph.gaussian(m, sigma, truncate=2.5)
         out[k] = np.where(den > 0.05, num / np.maximum(den, 0.05), hu[k])
     return out
 
@@ -198,11 +200,11 @@ def _opacity(hu: np.ndarray, lung: np.ndarray, thresholds: OpacityThresholds, pa
     """Opacity and high-opacity masks on the reduced grid (steps: :func:`quantify`)."""
     light = _smooth_in_lung(hu, lung, 0.7)
     bright = lung & (light > thresholds.opacity_high)
-    blobs = ndi.binary_opening(bright, structure=_disk(params.vessel_radius_mm / pixel_mm))
+    blobs = morph.opening(bright, _disk(params.vessel_radius_mm / pixel_mm))
     solid = blobs & (light <= thresholds.high_opacity_high)
     dense = lung & (light >= thresholds.opacity_low)
-    thin = dense & ~ndi.binary_opening(dense, structure=_disk(rim_mm / pixel_mm))
-    vessel_zone = ndi.binary_dilation((bright & ~blobs) | thin, structure=_disk(1.0)) & lung
+    thin = dense & ~morph.opening(dense, _disk(rim_mm / pixel_mm))
+    vessel_zone = morph.dilate((bright & ~blobs) | thin, _disk(1.0)) & lung
     in_range = vessel_zone & (light >= thresholds.opacity_low) & (light <= thresholds.high_opacity_high)
     del light, bright, blobs, dense, thin
     support = lung & ~vessel_zone
@@ -225,7 +227,7 @@ def _surrounded(zone: np.ndarray, opacity: np.ndarray, lung: np.ndarray, fractio
     in normal lung with a fleck of partial volume beside it is not.
     """
     cross = np.zeros((3, 3, 3), dtype=bool)
-    cross[1] = _disk(1.0)[0]
+    cross[1] = _disk(1.0)
     lab, n = ndi.label(zone, structure=cross)
     if n == 0:
         return zone
