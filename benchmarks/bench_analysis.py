@@ -6,7 +6,15 @@ floor every analysis pays: ``dcmread(f).pixel_array`` over the same files),
 the time of each stage (load, segment, quantify, CNN, reports, writing), the
 whole, the ratios whole / floor and (load + segment + quantify) / floor, and
 the peak resident memory of a process that analyses the study (measured in a
-child process so each study's peak is its own).
+child process so each study size's peak is its own).
+
+The child analyses the study ``--repeat`` times one after another, as a node
+worker analyses study after study, and decodes the floor again before each
+run.  Two rows per size: the first study after the process started, and the
+median of the later ones (steady state).  The first run of a process is
+slower on this kind of VM (it touches memory the process has not used yet:
+page faults and zeroing of transparent huge pages), which is why both are
+printed.
 
 The CNN stage runs as the node runs it by default (``[model] enabled = true``,
 the default model shipped in ``model/weights``, device ``auto``, mirror TTA);
@@ -16,7 +24,7 @@ the default model cannot be loaded (the node would refuse to start too).
 ``--no-cnn`` leaves the stage out.  The load average is printed with the
 figures: the numbers are only comparable on an otherwise idle machine.
 
-    .venv/bin/python benchmarks/bench_analysis.py [--slices 300 600] [--no-cnn]
+    .venv/bin/python benchmarks/bench_analysis.py [--slices 300 600] [--repeat 3] [--no-cnn]
 """
 
 from __future__ import annotations
@@ -32,12 +40,18 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 
-def child(dicom_dir: str, out_dir: str, with_cnn: bool) -> None:
-    """Run one analysis in this process and print its timings as JSON."""
+def child(dicom_dir: str, out_dir: str, with_cnn: bool, repeat: int) -> None:
+    """Analyse the study ``repeat`` times in this process; print each run's timings as JSON lines.
+
+    Each run first decodes the series with pydicom (the floor), then analyses it
+    with fresh objects, as a node worker analyses study after study.
+    """
     import pydicom
 
     from node.pipeline import ALGORITHM_NAME, ALGORITHM_VERSION, analyse, write_results
@@ -62,28 +76,32 @@ def child(dicom_dir: str, out_dir: str, with_cnn: bool) -> None:
 
         gc.collect()  # as `lungnode serve` does after loading the model (node/cli.py)
         gc.freeze()
-    t0 = time.perf_counter()
-    ds = pydicom.dcmread(paths[0], stop_before_pixels=True)
-    selected = SelectedSeries(str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), paths, "benchmark")
-    analysis = analyse(selected, AnalysisSettings(), predictor)
-    timings = dict(analysis.timings)
-    t = time.perf_counter()
-    objects = build_reports(ReportContext(
-        volume=analysis.volume, masks=analysis.masks, quantification=analysis.quantification,
-        prediction=analysis.prediction, algorithm_name=ALGORITHM_NAME,
-        algorithm_version=ALGORITHM_VERSION), analysis.source_headers)
-    timings["reports"] = time.perf_counter() - t
-    t = time.perf_counter()
-    write_results(objects, Path(out_dir))
-    timings["write"] = time.perf_counter() - t
-    timings["whole"] = time.perf_counter() - t0
-    timings["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    out: dict[str, object] = dict(timings)
-    out["cnn_enabled_by_default"] = model.enabled
-    if analysis.prediction is not None:
-        p = analysis.prediction
-        out["cnn_model"] = f"{p.model_name} {p.model_version} on {p.device}"
-    print(json.dumps(out))
+    for run in range(repeat):
+        floor = decode_floor(Path(dicom_dir))
+        t0 = time.perf_counter()
+        ds = pydicom.dcmread(paths[0], stop_before_pixels=True)
+        selected = SelectedSeries(str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), paths, "benchmark")
+        analysis = analyse(selected, AnalysisSettings(), predictor)
+        timings = dict(analysis.timings)
+        t = time.perf_counter()
+        objects = build_reports(ReportContext(
+            volume=analysis.volume, masks=analysis.masks, quantification=analysis.quantification,
+            prediction=analysis.prediction, algorithm_name=ALGORITHM_NAME,
+            algorithm_version=ALGORITHM_VERSION), analysis.source_headers)
+        timings["reports"] = time.perf_counter() - t
+        t = time.perf_counter()
+        write_results(objects, Path(out_dir) / f"run{run}")
+        timings["write"] = time.perf_counter() - t
+        timings["whole"] = time.perf_counter() - t0
+        timings["floor"] = floor
+        timings["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        out: dict[str, object] = dict(timings)
+        out["cnn_enabled_by_default"] = model.enabled
+        if analysis.prediction is not None:
+            p = analysis.prediction
+            out["cnn_model"] = f"{p.model_name} {p.model_version} on {p.device}"
+        del analysis, objects
+        print(json.dumps(out), flush=True)
 
 
 def decode_floor(dicom_dir: Path) -> float:
@@ -102,10 +120,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--slices", type=int, nargs="+", default=[300, 600])
     ap.add_argument("--no-cnn", action="store_true", help="leave the severity CNN out")
+    ap.add_argument("--repeat", type=int, default=3,
+                    help="studies analysed one after another by the same process (default 3)")
     ap.add_argument("--child", nargs=2, metavar=("DICOM_DIR", "OUT"))
     args = ap.parse_args()
     if args.child:
-        child(args.child[0], args.child[1], not args.no_cnn)
+        child(args.child[0], args.child[1], not args.no_cnn, args.repeat)
         return
     from training.synth import SynthSpec, write_study
 
@@ -113,27 +133,38 @@ def main() -> None:
     try:
         print(f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())} "
               f"on {os.cpu_count()} CPUs; times in seconds")
-        print(f"{'slices':>6} {'floor':>6} " + " ".join(f"{k:>8}" for k in _STAGES) +
+        print(f"{'slices':>6} {'run':>7} {'floor':>6} " + " ".join(f"{k:>8}" for k in _STAGES) +
               f" {'whole/floor':>11} {'measure/floor':>13} {'peak MB':>8}")
         models = set()
         for n in args.slices:
             study = write_study(tmp / f"s{n}", SynthSpec(involvement=0.3, seed=7, slices=n, rows=512,
                                                         slice_thickness_mm=300.0 / n))
-            floor = min(decode_floor(study.dicom_dir) for _ in range(2))
-            cmd = [sys.executable, __file__, "--child", str(study.dicom_dir), str(tmp / f"out{n}")]
+            cmd = [sys.executable, __file__, "--child", str(study.dicom_dir), str(tmp / f"out{n}"),
+                   "--repeat", str(max(2, args.repeat))]
             if args.no_cnn:
                 cmd.append("--no-cnn")
             res = subprocess.run(cmd, capture_output=True, text=True, check=True)
-            t = json.loads(res.stdout.strip().splitlines()[-1])
-            if "error" in t:
-                sys.exit(f"{t['error']}\nthe node's default configuration would refuse to start; "
+            runs = [json.loads(line) for line in res.stdout.strip().splitlines() if line.startswith("{")]
+            if "error" in runs[-1]:
+                sys.exit(f"{runs[-1]['error']}\nthe node's default configuration would refuse to start; "
                          "fix model/weights or run with --no-cnn")
-            if not args.no_cnn and "cnn" not in t and t.get("cnn_enabled_by_default", True):
-                sys.exit("the CNN stage did not run although the default model loaded")
-            models.add(t.get("cnn_model", "not run: [model] enabled = false by default"))
-            measure = t["load"] + t["segment"] + t["quantify"]
-            print(f"{n:6d} {floor:6.2f} " + " ".join(f"{t.get(k, float('nan')):8.2f}" for k in _STAGES) +
-                  f" {t['whole'] / floor:11.2f} {measure / floor:13.2f} {t['peak_rss_mb']:8.0f}")
+            for t in runs:
+                if not args.no_cnn and "cnn" not in t and t.get("cnn_enabled_by_default", True):
+                    sys.exit("the CNN stage did not run although the default model loaded")
+                models.add(t.get("cnn_model", "not run: [model] enabled = false by default"))
+            later = runs[1:]
+            steady = {k: float(np.median([r[k] for r in later])) for k in (*_STAGES, "floor")}
+            steady["peak_rss_mb"] = later[-1]["peak_rss_mb"]
+            for label, t in (("first", runs[0]), ("steady", steady)):
+                measure = t["load"] + t["segment"] + t["quantify"]
+                floor = t["floor"]
+                print(f"{n:6d} {label:>7} {floor:6.2f} " +
+                      " ".join(f"{t.get(k, float('nan')):8.2f}" for k in _STAGES) +
+                      f" {t['whole'] / floor:11.2f} {measure / floor:13.2f} {t['peak_rss_mb']:8.0f}")
+        print("first: the first study after the process started; steady: median of the "
+              f"{max(2, args.repeat) - 1} studies after it (a node worker analyses study after study);")
+        print("floor: pydicom decoding the same files just before each run; "
+              "measure = load + segment + quantify; peak MB: the process's peak resident memory so far")
         print("CNN: " + ("not run (--no-cnn)" if args.no_cnn else
                          f"{', '.join(sorted(models))} (the node's default [model] settings)"))
         print(f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())} at the end")

@@ -152,13 +152,14 @@ def _envelope(r_out: np.ndarray, valid: np.ndarray, max_gap: int) -> np.ndarray:
     th = (idx + 0.5) * (2 * np.pi / nb)
     px, py = r_out[idx] * np.cos(th), r_out[idx] * np.sin(th)
     stack: list[int] = []
+    xs, ys, bins_of = px.tolist(), py.tolist(), idx.tolist()  # Python floats: the scan is scalar work
     for j in range(idx.size):
         while len(stack) >= 2:
             a, b = stack[-2], stack[-1]
-            ex, ey = px[j] - px[a], py[j] - py[a]
-            side_b = ex * (py[b] - py[a]) - ey * (px[b] - px[a])
-            side_o = ex * (0.0 - py[a]) - ey * (0.0 - px[a])
-            if side_b * side_o >= 0.0 and idx[j] - idx[a] <= max_gap:
+            ex, ey = xs[j] - xs[a], ys[j] - ys[a]
+            side_b = ex * (ys[b] - ys[a]) - ey * (xs[b] - xs[a])
+            side_o = ex * (0.0 - ys[a]) - ey * (0.0 - xs[a])
+            if side_b * side_o >= 0.0 and bins_of[j] - bins_of[a] <= max_gap:
                 stack.pop()
             else:
                 break

@@ -122,10 +122,12 @@ def _lung_box(mask: np.ndarray, f: int) -> tuple[slice, slice, slice]:
     return box[0], box[1], box[2]
 
 
-def _reduce_mask(mask: np.ndarray, f: int, fz: int = 1) -> np.ndarray:
-    """Majority of each ``fz x f x f`` block (a last group of fewer slices votes with those it has)."""
-    if f == 1 and fz == 1:
-        return mask.copy()
+def _block_counts(mask: np.ndarray, f: int, fz: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """Voxels of ``mask`` in each ``fz x f x f`` block (uint16) and each block's size in voxels.
+
+    The in-plane remainder is left out (as :func:`block_mean` does); a last
+    group of fewer slices counts those it has.
+    """
     z, y, x = mask.shape
     y2, x2 = (y // f) * f, (x // f) * f
     m8 = mask.view(np.uint8)
@@ -134,15 +136,23 @@ def _reduce_mask(mask: np.ndarray, f: int, fz: int = 1) -> np.ndarray:
         for j in range(f):
             counts += m8[:, i:y2:f, j:x2:f]
     if fz == 1:
-        return counts * 2 >= f * f
+        return counts, np.full((z, 1, 1), f * f)
     nz = -(-z // fz)
     full = (z // fz) * fz
     sums = np.empty((nz, *counts.shape[1:]), dtype=np.uint16)
     sums[: z // fz] = counts[:full].reshape(z // fz, fz, *counts.shape[1:]).sum(axis=1, dtype=np.uint16)
     if full < z:  # (np.add.reduceat along the first axis is several times slower)
         sums[-1] = counts[full:].sum(axis=0, dtype=np.uint16)
-    sizes = np.minimum(fz, z - np.arange(nz) * fz)[:, None, None]
-    return sums * 2 >= sizes * f * f
+    sizes = np.minimum(fz, z - np.arange(nz) * fz)[:, None, None] * (f * f)
+    return sums, sizes
+
+
+def _reduce_mask(mask: np.ndarray, f: int, fz: int = 1) -> np.ndarray:
+    """Majority of each ``fz x f x f`` block (a last group of fewer slices votes with those it has)."""
+    if f == 1 and fz == 1:
+        return mask.copy()
+    counts, sizes = _block_counts(mask, f, fz)
+    return counts.astype(np.int64) * 2 >= sizes
 
 
 def _disk(radius_px: float) -> np.ndarray:
@@ -241,14 +251,19 @@ def _surrounded(zone: np.ndarray, opacity: np.ndarray, lung: np.ndarray, fractio
     return keep[lab]
 
 
-def _measure(mask: np.ndarray, opacity: np.ndarray, high: np.ndarray, voxel_ml: float) -> LungMeasurement:
-    n = int(np.count_nonzero(mask))
+def _measure(counts: np.ndarray, opacity: np.ndarray, high: np.ndarray, voxel_ml: float) -> LungMeasurement:
+    """Volume and percentages from the lung voxels per reduced voxel and its opacity flags.
+
+    Equals counting on the full-resolution mask with the flags upsampled to it:
+    a flag holds for every voxel of its block.
+    """
+    n = int(counts.sum(dtype=np.int64))
     if n == 0:
         return LungMeasurement(0.0, 0.0, 0.0)
     return LungMeasurement(
         volume_ml=n * voxel_ml,
-        percent_opacity=100.0 * int(np.count_nonzero(opacity & mask)) / n,
-        percent_high_opacity=100.0 * int(np.count_nonzero(high & mask)) / n,
+        percent_opacity=100.0 * int(counts[opacity].sum(dtype=np.int64)) / n,
+        percent_high_opacity=100.0 * int(counts[high].sum(dtype=np.int64)) / n,
     )
 
 
@@ -279,8 +294,9 @@ def quantify(volume: CTVolume, masks: LungMasks, thresholds: OpacityThresholds =
     - PO counts ground glass and consolidation (``(opacity_high,
       high_opacity_high]``), as MosMedData counts involvement; PHO the latter.
 
-    Volumes and percentages are counted on the full-resolution masks with the
-    opacity mask upsampled to them.
+    Volumes and percentages count the full-resolution lung voxels, each with
+    the opacity flags of its block of the reduced grid (per block, so no pass
+    over the full volume is needed); ``opacity_mask`` is that upsampling.
 
     Parameters
     ----------
@@ -305,13 +321,17 @@ def quantify(volume: CTVolume, masks: LungMasks, thresholds: OpacityThresholds =
     both = masks.both
     box = _lung_box(both, f)
     opacity_full = np.zeros(volume.shape, dtype=bool)
-    high_full = np.zeros(volume.shape, dtype=bool)
     noise: float | None = None
     lung_box = both[box]
-    left_box, right_box = masks.left[box], masks.right[box]
+    voxel_ml = volume.voxel_volume_ml
+    # left and right do not overlap (segment_lungs gives each voxel to one lung), so the lung
+    # voxels of a block are the left's and the right's
+    left_n, sizes = _block_counts(masks.left[box], f, fz)
+    right_n, _ = _block_counts(masks.right[box], f, fz)
+    opacity = high = np.zeros(left_n.shape, dtype=bool)
     if lung_box.any():
         hu = block_mean(volume.hu[box], f, fz)
-        lung = _reduce_mask(lung_box, f, fz)
+        lung = (left_n.astype(np.int64) + right_n) * 2 >= sizes
         noise = _neighbour_noise(volume.hu[box], lung_box)
         q_noise = _neighbour_noise(hu, lung)
         sigma = 0.5
@@ -325,17 +345,16 @@ def quantify(volume: CTVolume, masks: LungMasks, thresholds: OpacityThresholds =
         del hu, lung
         n = lung_box.shape[0]
         opacity_full[box] = upsample_mask(expand_slices(opacity, fz, n), f, lung_box.shape) & lung_box
-        high_full[box] = upsample_mask(expand_slices(high, fz, n), f, lung_box.shape) & lung_box
         logger.debug("series %s: noise %s HU, smoothing sigma %.2f px of %.2f mm",
                      volume.series_instance_uid, noise, sigma, px_mm * f)
-    op_box, high_box = opacity_full[box], high_full[box]
-    voxel_ml = volume.voxel_volume_ml
-    total = _measure(lung_box, op_box, high_box, voxel_ml)
+    # counted per block of the reduced grid: the same as counting the full-resolution masks with
+    # the opacity flags upsampled to them, without passes over the full volume
+    left = _measure(left_n, opacity, high, voxel_ml)
+    right = _measure(right_n, opacity, high, voxel_ml)
+    total = _measure(left_n.astype(np.int64) + right_n, opacity, high, voxel_ml)
     flags = _quality_flags(volume, both, total, noise)
     return Quantification(
-        left=_measure(left_box, op_box, high_box, voxel_ml),
-        right=_measure(right_box, op_box, high_box, voxel_ml),
-        total=total,
+        left=left, right=right, total=total,
         severity_category=category_for(total.percent_opacity, normal_below_percent),
         thresholds=thresholds, opacity_mask=opacity_full, quality_flags=tuple(flags),
         noise_hu=noise,
