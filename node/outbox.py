@@ -41,7 +41,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from node.db import AuditEntry, Delivery, DeliveryState, ResultObject, utcnow
 from node.errors import DeliveryError
-from node.scp import tune_connection
+from node.netio import tune_connection
 from node.settings import DeliverySettings, DicomSettings, Peer
 
 __all__ = [

@@ -15,8 +15,7 @@ import socket
 import struct
 import sys
 import threading
-import types
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from io import BytesIO
 from multiprocessing.connection import Connection
@@ -40,7 +39,6 @@ from pydicom.uid import (
     RLELossless,
 )
 from pynetdicom import AE, PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION, evt
-from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.events import Event
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
@@ -53,6 +51,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 from node.catalog import Catalog, InstanceRecord
 from node.db import make_engine, make_session_factory
 from node.errors import StorageError
+from node.netio import tune_connection
 from node.settings import DicomSettings, Peer, Settings
 from node.storage import InstanceStore, validate_uid
 
@@ -62,7 +61,6 @@ __all__ = [
     "StoreSCP",
     "run_receiver",
     "scan_dataset",
-    "tune_connection",
 ]
 
 logger = logging.getLogger(__name__)
@@ -88,118 +86,6 @@ STATUS_SUCCESS = 0x0000
 STATUS_OUT_OF_RESOURCES = 0xA700
 STATUS_DATASET_MISMATCH = 0xA900
 STATUS_CANNOT_UNDERSTAND = 0xC000
-
-
-DUL_POLL_SECONDS = 0.0002
-"""pynetdicom's DUL thread sleeps this long when idle (its default, 1 ms, costs
-about a third of the throughput of a 512x512 CT stream; see
-benchmarks/RESULTS.md).  Associations are short-lived, so the extra wake-ups
-while one is idle cost little."""
-
-
-def tune_connection(event: Event) -> None:
-    """EVT_CONN_OPEN handler for the SCP and the SCU: no waiting on the network.
-
-    - ``TCP_NODELAY``: our PDUs go out at once (Nagle's algorithm off);
-    - ``TCP_QUICKACK`` before every read (Linux resets it after each ACK): the
-      node acknowledges at once, so a peer that keeps Nagle on (DCMTK and
-      Orthanc without ``TCP_NODELAY=1``) does not wait ~40 ms for a delayed ACK
-      before sending the rest of each instance;
-    - reads straight into one buffer of the PDU's size (pynetdicom reads 4 KB
-      pieces and appends them);
-    - a shorter idle poll of pynetdicom's DUL thread (:data:`DUL_POLL_SECONDS`);
-    - as acceptor, the association thread wakes when a DIMSE message is complete
-      instead of polling every millisecond (:func:`_acceptor_reactor`).
-    """
-    assoc_socket = event.assoc.dul.socket
-    raw = getattr(assoc_socket, "socket", None)
-    if assoc_socket is None or raw is None:
-        return
-    raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    event.assoc.dul._run_loop_delay = DUL_POLL_SECONDS
-    quickack = getattr(socket, "TCP_QUICKACK", None)
-    if isinstance(raw, socket.socket) and type(raw) is socket.socket:  # not TLS
-        assoc_socket.recv = _direct_recv(raw, quickack)  # type: ignore[method-assign,assignment]
-    elif quickack is not None:
-        recv = assoc_socket.recv
-
-        def recv_quickack(nr_bytes: int) -> bytearray:
-            raw.setsockopt(socket.IPPROTO_TCP, quickack, 1)
-            return recv(nr_bytes)
-
-        assoc_socket.recv = recv_quickack  # type: ignore[method-assign]
-    if event.assoc.is_acceptor:
-        event.assoc._run_reactor = types.MethodType(_acceptor_reactor, event.assoc)  # type: ignore[method-assign]
-
-
-def _direct_recv(raw: socket.socket, quickack: int | None) -> Callable[[int], bytearray]:
-    """``AssociationSocket.recv`` with ``recv_into`` one preallocated buffer."""
-
-    def recv(nr_bytes: int) -> bytearray:
-        buf = bytearray(nr_bytes)
-        got = 0
-        with memoryview(buf) as view:
-            while got < nr_bytes:
-                if quickack is not None:
-                    raw.setsockopt(socket.IPPROTO_TCP, quickack, 1)
-                n = raw.recv_into(view[got:])
-                if not n:  # connection closed: what was read (as pynetdicom does)
-                    break
-                got += n
-        if got < nr_bytes:
-            del buf[got:]
-        return buf
-
-    return recv
-
-
-def _acceptor_reactor(self: Association) -> None:
-    """pynetdicom 3.0's ``Association._run_reactor`` (acceptor), except that it
-    waits on the DIMSE message queue instead of sleeping 1 ms per turn: a
-    C-STORE request is served as soon as its last fragment is decoded.  The
-    release, abort and timeout checks still run at least every millisecond."""
-    msg_queue = self.dimse.msg_queue
-    ready = msg_queue.not_empty
-    self._is_paused = False
-    while not self._kill:
-        with ready:
-            if not msg_queue.queue:
-                ready.wait(0.001)
-        self._is_paused = True
-        self._reactor_checkpoint.wait()
-        self._is_paused = False
-        context_id, msg = self.dimse.get_msg(block=False)
-        if msg:
-            self._serve_request(msg, cast(int, context_id))
-        if self.is_established and self.acse.is_release_requested():
-            self.acse.send_release(is_response=True)
-            logger.debug("association released")
-            self.is_released = True
-            self.is_established = False
-            evt.trigger(self, evt.EVT_RELEASED, {})
-            self.kill()
-            return
-        if self.acse.is_aborted():
-            self.dul.receive_pdu(wait=False)
-            self.is_aborted = True
-            self.is_established = False
-            evt.trigger(self, evt.EVT_ABORTED, {})
-            self.kill()
-            return
-        if not self.dul.is_alive():
-            self.kill()
-            return
-        if self.dul.idle_timer_expired():
-            logger.error("network timeout reached")
-            if self.network_timeout_response == "A-RELEASE":
-                self._is_paused = True
-                self._reactor_checkpoint.wait()
-                self.release()
-                self._is_paused = False
-            else:
-                self.abort()
-            self.kill()
-            return
 
 
 def _element(elem: int, vr: bytes, value: bytes) -> bytes:

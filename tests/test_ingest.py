@@ -300,3 +300,46 @@ def test_several_senders_at_once_all_recorded(listener: Callable[..., Listener])
         assert s.scalars(select(Study)).one().instance_count == 30
         received = list(s.scalars(select(Instance.received_at)))
     assert all(r.tzinfo is not None for r in received)
+
+
+def _open_pipes() -> list[str]:
+    import os
+
+    out = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except FileNotFoundError:  # the listing's own descriptor
+            continue
+        if target.startswith("pipe:"):
+            out.append(target)
+    return out
+
+
+def test_event_driven_dul_wakes_on_data_after_idling_and_leaks_no_descriptors(
+        listener: Callable[..., Listener]) -> None:
+    """node.netio's select-based DUL loop: an association that stays idle longer than
+    the loop's longest wait still gets its C-STOREs answered, and the wake-up pipe of
+    each association is closed when it ends."""
+    import os
+    import time
+
+    lst = listener()
+    src = [pydicom.dcmread(f) for f in sorted(B40F.iterdir())[:3]]
+    pipes_before = len(_open_pipes())
+    ae = AE(ae_title="PACS")
+    ae.add_requested_context(CTImageStorage, pydicom.uid.ExplicitVRLittleEndian)
+    for _ in range(4):
+        assoc = ae.associate("127.0.0.1", lst.port, ae_title="LUNGNODE")
+        assert assoc.is_established
+        # in the acceptor, the association's DUL runs the select loop with a waking queue
+        live = [a for a in lst.scp._server.active_associations if a.is_acceptor]  # type: ignore[union-attr]
+        assert live and all(type(a.dul.to_provider_queue).__name__ == "_WakingQueue" for a in live)
+        time.sleep(0.15)  # several of the loop's longest waits without any data
+        for ds in src:
+            status = assoc.send_c_store(ds)
+            assert int(status.Status) == 0
+        assoc.release()
+    assert lst.count() == 3
+    time.sleep(0.2)  # the acceptor's DUL threads end after the release
+    assert len(_open_pipes()) <= pipes_before
