@@ -104,7 +104,8 @@ def fill_along_pleura(parts: list[np.ndarray], hu: np.ndarray, body: np.ndarray,
     out = []
     for part in parts:
         pz, py, px = np.nonzero(part)
-        mean_ang = float(np.angle(np.exp(1j * ang[py, px]).mean()))
+        weight = part.sum(axis=0, dtype=np.float64)  # voxels per pixel: the mean direction per pixel
+        mean_ang = float(np.arctan2((weight * np.sin(ang)).sum(), (weight * np.cos(ang)).sum()))
         tb = (((ang - mean_ang + np.pi) / (2 * np.pi) * _BINS).astype(np.int32)) % _BINS  # span centred
         r_out = np.full(n_z * _BINS, -np.inf, np.float32)
         np.maximum.at(r_out, pz * _BINS + tb[py, px], radius[py, px])
@@ -164,18 +165,21 @@ def _envelope(r_out: np.ndarray, valid: np.ndarray, max_gap: int) -> np.ndarray:
             else:
                 break
         stack.append(j)
-    for a, b in zip(stack[:-1], stack[1:], strict=True):
-        i0, i1 = idx[a], idx[b]
-        out[i0] = r_out[i0]
-        if i1 - i0 > max_gap:
-            continue
-        bins = np.arange(i0, i1 + 1)
+    hull = np.asarray(stack)
+    hb = idx[hull]  # the hull's bins, increasing
+    out[hb] = r_out[hb]
+    if hull.size >= 2:  # every bin from the first vertex on, with the chord it lies on
+        bins = np.arange(hb[0], hb[-1] + 1)
+        seg = np.minimum(np.searchsorted(hb, bins, side="right") - 1, hull.size - 2)
+        a, b = hull[seg], hull[seg + 1]
+        drawn = hb[seg + 1] - hb[seg] <= max_gap
         t = (bins + 0.5) * (2 * np.pi / nb)
         dx, dy = px[b] - px[a], py[b] - py[a]
         num = px[a] * dy - py[a] * dx
         den = np.cos(t) * dy - np.sin(t) * dx
-        out[bins] = np.where(np.abs(den) > 1e-6, num / np.where(den == 0, 1.0, den), r_out[bins])
-    out[idx[stack[-1]]] = r_out[idx[stack[-1]]]
+        val = np.where(np.abs(den) > 1e-6, num / np.where(den == 0, 1.0, den), r_out[bins])
+        out[bins[drawn]] = val[drawn]
+    out[hb[-1]] = r_out[hb[-1]]
     return out
 
 
