@@ -11,10 +11,12 @@ Durability differs between the peers and is printed with the figures: Orthanc
 while the node's default (``[storage] fsync = true``) flushes every file
 before acknowledging it.  Each node case therefore runs twice: with
 ``fsync = false`` (what Orthanc does: an acknowledged instance survives a crash
-of the receiving process, not a power loss) and with the default.  The 4-sender
-cases also run with ``[dicom] receivers = --receivers`` processes.
+of the receiving process, not a power loss) and with the default.  The node
+runs its default ``[dicom] receivers = 0`` (one receiving process per CPU core);
+the 4-sender cases also run with ``receivers = --receivers`` (default 1: all in
+the ``serve`` process).
 
-    .venv/bin/python benchmarks/bench_ingest.py [--studies 3 --slices 240 --receivers 2]
+    .venv/bin/python benchmarks/bench_ingest.py [--studies 3 --slices 240 --receivers 1]
 """
 
 from __future__ import annotations
@@ -169,8 +171,9 @@ def main() -> None:
     ap.add_argument("--studies", type=int, default=3)
     ap.add_argument("--slices", type=int, default=240)
     ap.add_argument("--skip-postgres", action="store_true")
-    ap.add_argument("--receivers", type=int, default=2,
-                    help="[dicom] receivers for the extra 4-sender rows")
+    ap.add_argument("--receivers", type=int, default=1,
+                    help="[dicom] receivers for the extra 4-sender rows (the default config has 0: "
+                         "one per core)")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="lungnode-bench-"))
     try:
@@ -208,7 +211,7 @@ def main() -> None:
             t_o = orthanc_run(dirs, nodelay)
             for db_name, url in dbs if nodelay else dbs[:1]:
                 for receivers in receiver_counts:
-                    procs = "" if receivers is None else f", {receivers} receivers"
+                    procs = "" if receivers is None else f", receivers={receivers}"
                     for fsync in ((False, None) if nodelay else (None,)):
                         how = "fsync=true (default)" if fsync is None else "fsync=false"
                         t_n = node_run(dirs, nodelay, url(), fsync, receivers)
@@ -242,6 +245,8 @@ def main() -> None:
             print(f"{label:{w}} {n / t_o:15.0f} {n / t_n:12.0f} {t_n / t_o:18.2f}")
         print("every run checked: all instances in Orthanc's index / the node's database "
               "(rows and study counters)")
+        print(f"node: default [dicom] receivers = 0, {min(8, os.cpu_count() or 1)} receiving processes "
+              "on this machine, unless the row says receivers=N")
         print("durability: Orthanc 1.10.1 writes storage files without fsync (it has no option "
               "for it), its SQLite index with synchronous=NORMAL;\n"
               "  node fsync=false: file renamed into place and row committed before the ack, "

@@ -36,9 +36,9 @@ __all__ = ["Node", "ReceiverPool", "receiver_count"]
 logger = logging.getLogger(__name__)
 
 def receiver_count(settings: Settings) -> int:
-    """``[dicom] receivers`` with 0 resolved to the number of CPU cores."""
+    """``[dicom] receivers`` with 0 resolved to the number of CPU cores (at most 8)."""
     n = settings.dicom.receivers
-    return n if n > 0 else max(1, os.cpu_count() or 1)
+    return n if n > 0 else max(1, min(8, os.cpu_count() or 1))
 
 
 class ReceiverPool:

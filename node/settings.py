@@ -64,9 +64,10 @@ class DicomSettings(_Section):
     network_timeout: float = 60.0
     max_pdu: int = Field(131072, ge=0)
     """Maximum PDU size the node receives (0 means unlimited)."""
-    receivers: int = Field(1, ge=0)
+    receivers: int = Field(0, ge=0)
     """Processes that receive (C-STORE) on the port, sharing it with ``SO_REUSEPORT``;
-    1: the listener runs in the ``serve`` process itself; 0: one per CPU core."""
+    1: the listener runs in the ``serve`` process itself; 0 (the default): one per CPU
+    core, at most 8 (on a single core, 1)."""
 
     _ae = field_validator("ae_title")(classmethod(lambda cls, v: _check_ae_title(v)))
 
