@@ -171,11 +171,11 @@ def _envelope(r_out: np.ndarray, valid: np.ndarray, max_gap: int) -> np.ndarray:
     if hull.size >= 2:  # every bin from the first vertex on, with the chord it lies on
         bins = np.arange(hb[0], hb[-1] + 1)
         seg = np.minimum(np.searchsorted(hb, bins, side="right") - 1, hull.size - 2)
-        a, b = hull[seg], hull[seg + 1]
+        va, vb = hull[seg], hull[seg + 1]  # the chord's two vertices, per bin
         drawn = hb[seg + 1] - hb[seg] <= max_gap
         t = (bins + 0.5) * (2 * np.pi / nb)
-        dx, dy = px[b] - px[a], py[b] - py[a]
-        num = px[a] * dy - py[a] * dx
+        dx, dy = px[vb] - px[va], py[vb] - py[va]
+        num = px[va] * dy - py[va] * dx
         den = np.cos(t) * dy - np.sin(t) * dx
         val = np.where(np.abs(den) > 1e-6, num / np.where(den == 0, 1.0, den), r_out[bins])
         out[bins[drawn]] = val[drawn]

@@ -7,18 +7,13 @@ decoded here; analysis happens in the worker.
 
 from __future__ import annotations
 
-import ctypes
 import logging
-import os
-import signal
 import socket
 import struct
-import sys
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 from io import BytesIO
-from multiprocessing.connection import Connection
 from typing import cast
 
 from pydicom.dataset import Dataset
@@ -49,17 +44,15 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
 from node.catalog import Catalog, InstanceRecord
-from node.db import make_engine, make_session_factory
 from node.errors import StorageError
 from node.netio import tune_connection
-from node.settings import DicomSettings, Peer, Settings
+from node.settings import DicomSettings, Peer
 from node.storage import InstanceStore, validate_uid
 
 __all__ = [
     "ACCEPTED_SOP_CLASSES",
     "ACCEPTED_TRANSFER_SYNTAXES",
     "StoreSCP",
-    "run_receiver",
     "scan_dataset",
 ]
 
@@ -243,15 +236,12 @@ class StoreSCP:
         with ``check_peer_host``, their hosts) may associate.
     store, catalog:
         Where files and rows go.
-    reuse_port:
-        Bind with ``SO_REUSEPORT``: several receiver processes listen on the same
-        port and the kernel spreads incoming connections over them.
     """
 
     def __init__(self, settings: DicomSettings, peers: Iterable[Peer], store: InstanceStore,
-                 catalog: Catalog, *, reuse_port: bool = False) -> None:
+                 catalog: Catalog) -> None:
         self.settings = settings
-        self.reuse_port = reuse_port
+        self._listening = False
         self.peers = list(peers)
         self.store = store
         self.catalog = catalog
@@ -367,8 +357,13 @@ class StoreSCP:
         ae.add_supported_context(Verification)
         return ae
 
-    def start(self) -> None:
-        """Listen on ``[dicom] host:port`` in background threads."""
+    def start(self, *, listen: bool = True) -> None:
+        """Listen on ``[dicom] host:port`` in background threads.
+
+        ``listen=False``: no socket of its own; connections accepted elsewhere
+        (a receiver process's share of the node's listening socket, see
+        :mod:`node.receivers`) are handed in with :meth:`serve_connection`.
+        """
         handlers: list = [
             (evt.EVT_CONN_OPEN, tune_connection),
             (evt.EVT_REQUESTED, self._on_requested),
@@ -376,14 +371,24 @@ class StoreSCP:
             (evt.EVT_C_ECHO, lambda event: STATUS_SUCCESS),
         ]
         ae = self.make_ae()
-        server_class = _ReusePortServer if self.reuse_port else ThreadedAssociationServer
         server = ae.make_server((self.settings.host, self.settings.port), evt_handlers=handlers,
-                                server_class=server_class)
+                                server_class=ThreadedAssociationServer if listen else _HandedServer)
         ae._servers.append(server)  # as start_server does: server.shutdown() removes it
-        threading.Thread(target=server.serve_forever, name="scp-accept", daemon=True).start()
         self._server = cast(ThreadedAssociationServer, server)
-        logger.info("listening as %s on %s:%d", self.settings.ae_title, self.settings.host,
-                    self.settings.port)
+        self._listening = listen
+        if listen:
+            threading.Thread(target=server.serve_forever, name="scp-accept", daemon=True).start()
+            logger.info("listening as %s on %s:%d", self.settings.ae_title, self.settings.host,
+                        self.settings.port)
+
+    def serve_connection(self, conn: socket.socket, address: tuple[str, int]) -> None:
+        """Run an association on an accepted connection (in a new thread)."""
+        assert self._server is not None
+        self._server.process_request(conn, address)
+
+    @property
+    def active_associations(self) -> int:
+        return len(self._server.active_associations) if self._server is not None else 0
 
     @property
     def port(self) -> int:
@@ -392,75 +397,24 @@ class StoreSCP:
 
     def stop(self) -> None:
         if self._server is not None:
-            self._server.shutdown()
+            if self._listening:
+                self._server.shutdown()
+            else:  # serve_forever never ran: shutdown() would wait for it
+                self._server.server_close()
+                self._server.ae._servers.remove(self._server)
             self._server = None
         self.catalog.close()
 
 
-class _ReusePortServer(ThreadedAssociationServer):
-    """pynetdicom's threaded server, bound with ``SO_REUSEPORT`` (Linux, BSD)."""
+class _HandedServer(ThreadedAssociationServer):
+    """pynetdicom's threaded server without a listening socket of its own: its
+    connections come from :meth:`StoreSCP.serve_connection`."""
 
     def server_bind(self) -> None:
-        cast(socket.socket, self.socket).setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        super().server_bind()
+        pass
 
-
-def run_receiver(settings: Settings, index: int, parent: Connection) -> None:
-    """Entry point of one receiver process of ``[dicom] receivers`` (spawned by
-    :class:`node.service.ReceiverPool`).
-
-    Listens on the shared port with its own database engine until SIGTERM or
-    SIGINT, or until the parent goes away (``parent`` reaches end of file; on
-    Linux the kernel also sends SIGKILL when the parent dies).  Reports
-    ``("ready", pid)`` or ``("error", message)`` on ``parent`` once.
-    """
-    _die_with_parent()
-    logging.basicConfig(level=settings.log_level.upper(),
-                        format=f"%(asctime)s %(levelname)s receiver-{index} %(name)s: %(message)s")
-    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
-
-    def watch_parent() -> None:
-        try:
-            parent.recv()
-        except (EOFError, OSError):
-            pass
-        if not stop.is_set():  # the parent died without stopping us: stop at once
-            os._exit(0)
-
-    engine = make_engine(settings.database.url, echo=settings.database.echo,
-                         durable=settings.storage.fsync)
-    store = InstanceStore(settings.storage.root, min_free_mb=settings.storage.min_free_mb,
-                          fsync=settings.storage.fsync)
-    scp = StoreSCP(settings.dicom, settings.peers, store,
-                   Catalog(make_session_factory(engine), shared_sqlite=True), reuse_port=True)
-    try:
-        scp.start()
-    except OSError as exc:
-        parent.send(("error", f"receiver {index} cannot listen on {settings.dicom.host}:"
-                              f"{settings.dicom.port}: {exc}"))
-        raise SystemExit(1) from exc
-    parent.send(("ready", os.getpid()))
-    threading.Thread(target=watch_parent, name="parent-watch", daemon=True).start()
-    stop.wait()
-    scp.stop()
-    engine.dispose()
-
-
-def _die_with_parent() -> None:
-    """Linux: have the kernel SIGKILL this process when its parent exits."""
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    except (OSError, AttributeError):
-        logger.debug("prctl(PR_SET_PDEATHSIG) not available")
-
-
-_PR_SET_PDEATHSIG = 1
+    def server_activate(self) -> None:
+        pass
 
 
 def _same_host(configured: str, address: str) -> bool:

@@ -65,7 +65,7 @@ class DicomSettings(_Section):
     max_pdu: int = Field(131072, ge=0)
     """Maximum PDU size the node receives (0 means unlimited)."""
     receivers: int = Field(0, ge=0)
-    """Processes that receive (C-STORE) on the port, sharing it with ``SO_REUSEPORT``;
+    """Processes that receive (C-STORE) on the port, sharing its listening socket;
     1: the listener runs in the ``serve`` process itself; 0 (the default): one per CPU
     core, at most 8 (on a single core, 1)."""
 

@@ -321,7 +321,6 @@ def test_event_driven_dul_wakes_on_data_after_idling_and_leaks_no_descriptors(
     """node.netio's select-based DUL loop: an association that stays idle longer than
     the loop's longest wait still gets its C-STOREs answered, and the wake-up pipe of
     each association is closed when it ends."""
-    import os
     import time
 
     lst = listener()

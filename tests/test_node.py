@@ -209,6 +209,30 @@ def test_serve_with_receiver_processes_records_every_instance_and_stops_them(
                 return int(s.scalar(select(func.count()).select_from(Job)) or 0)
 
         _wait(jobs, 30, "the study's job")
+
+        # four associations held open at once are served two by each receiver (the least
+        # busy receiver accepts; the kernel alone would often give one process three or four)
+        from pynetdicom import AE
+        from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+        ae = AE(ae_title="STORESCU")
+        ae.add_requested_context(Verification)
+        held = []
+        try:
+            for _ in range(4):
+                assoc = ae.associate("127.0.0.1", port, ae_title="LUNGNODE")
+                assert assoc.is_established
+                held.append(assoc)
+                time.sleep(0.1)  # the receivers publish their counts every few milliseconds
+
+            def served(pid: int) -> int:
+                return sum(1 for c in psutil.Process(pid).net_connections("tcp")
+                           if c.status == psutil.CONN_ESTABLISHED and c.laddr.port == port)
+
+            assert sorted(served(p) for p in pids) == [2, 2]
+        finally:
+            for assoc in held:
+                assoc.release()
     finally:
         node.stop()
     assert not any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE
