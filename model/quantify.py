@@ -56,6 +56,11 @@ class QuantifyParams:
     """A vessel counts as opacity when this share of the lung around it is opacity."""
     target_noise_hu: float = 15.0
     """The smoothing brings the parenchyma's noise down to about this SD."""
+    extensive_opacity_percent: float = 30.0
+    """From this whole-lung PO on, a quality flag says PO may read low: dense disease against
+    the mediastinum and in the paravertebral gutters has no air beside it and can stay out of
+    the lung mask (``benchmarks/bench_accuracy.py``: within 3 points up to about 30 %
+    involvement, 2.6-7.3 points low above)."""
 
 
 @dataclass(frozen=True)
@@ -352,7 +357,7 @@ def quantify(volume: CTVolume, masks: LungMasks, thresholds: OpacityThresholds =
     left = _measure(left_n, opacity, high, voxel_ml)
     right = _measure(right_n, opacity, high, voxel_ml)
     total = _measure(left_n.astype(np.int64) + right_n, opacity, high, voxel_ml)
-    flags = _quality_flags(volume, both, total, noise)
+    flags = _quality_flags(volume, both, total, noise, params)
     return Quantification(
         left=left, right=right, total=total,
         severity_category=category_for(total.percent_opacity, normal_below_percent),
@@ -362,7 +367,7 @@ def quantify(volume: CTVolume, masks: LungMasks, thresholds: OpacityThresholds =
 
 
 def _quality_flags(volume: CTVolume, both: np.ndarray, total: LungMeasurement,
-                   noise: float | None) -> list[str]:
+                   noise: float | None, params: QuantifyParams) -> list[str]:
     flags = []
     if both[0].any() or both[-1].any():
         flags.append("lungs not fully covered by the scan (lung on the first or last slice)")
@@ -373,4 +378,9 @@ def _quality_flags(volume: CTVolume, both: np.ndarray, total: LungMeasurement,
                      "(1500-9000 ml)")
     if noise is not None and noise > 80.0:
         flags.append(f"heavy image noise ({noise:.0f} HU SD in the lung parenchyma)")
+    if total.percent_opacity >= params.extensive_opacity_percent:
+        flags.append(f"extensive opacity ({total.percent_opacity:.0f} % of the lungs): dense disease "
+                     "against the mediastinum or the spine may lie outside the lung mask, so the "
+                     "opacity percentages may read low (by up to about 7 points on the "
+                     "validation phantoms)")
     return flags

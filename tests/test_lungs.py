@@ -265,3 +265,35 @@ def test_no_lungs_raises_an_actionable_error(healthy: Phantom) -> None:
     water = replace(healthy, hu=np.zeros((20, 64, 64), np.int16))
     with pytest.raises(SegmentationError, match=r"series 2\.25\.8: found no air inside the body"):
         segment_lungs(_volume_of(water, uid="2.25.8"))
+
+
+def test_extensive_opacity_is_flagged_as_possibly_underestimated() -> None:
+    """Above about 30 % involvement the benchmark measures PO reading low: the result says so."""
+    ph = make_phantom(SynthSpec(seed=12, involvement=0.6, rows=128, slice_thickness_mm=5.0))
+    q = quantify(_volume_of(ph), segment_lungs(_volume_of(ph)))
+    assert q.total.percent_opacity >= 30.0
+    assert any(f.startswith("extensive opacity") for f in q.quality_flags)
+
+
+def test_moderate_opacity_is_not_flagged_as_extensive(healthy: Phantom) -> None:
+    q = quantify(_volume_of(healthy), segment_lungs(_volume_of(healthy)))
+    assert not any(f.startswith("extensive opacity") for f in q.quality_flags)
+    ph = make_phantom(SynthSpec(seed=12, involvement=0.15, rows=128, slice_thickness_mm=5.0))
+    q = quantify(_volume_of(ph), segment_lungs(_volume_of(ph)))
+    assert 5.0 < q.total.percent_opacity < 30.0
+    assert not any(f.startswith("extensive opacity") for f in q.quality_flags)
+
+
+def test_every_quality_flag_has_its_own_code() -> None:
+    """The SR codes each flag quantify can raise (OTHER is for flags it does not know)."""
+    from node.reports import codes as lc
+
+    flags = {
+        "lungs not fully covered by the scan (lung on the first or last slice)": "PARTCOV",
+        "slice thickness 8 mm is over 5 mm": "THICK",
+        "lung volume 900 ml is outside the plausible adult range (1500-9000 ml)": "VOLRANGE",
+        "heavy image noise (120 HU SD in the lung parenchyma)": "NOISE",
+        "extensive opacity (55 % of the lungs): dense disease ...": "EXTENSIVE",
+        "something new": "OTHER",
+    }
+    assert {f: lc.flag_code(f).value for f in flags} == flags

@@ -24,12 +24,13 @@ code (scheme ``99LUNGNODE``)      meaning
 ``SCOPE``                         Scope of measurement; value ``WHOLEPERLUNG``
 ``WHOLEPERLUNG``                  Whole lung and per lung, no lobes
 ``QUALITY``                       Quality flag (CODE); values ``PARTCOV``, ``THICK``,
-                                  ``VOLRANGE``, ``NOISE``, ``OTHER``
+                                  ``VOLRANGE``, ``NOISE``, ``EXTENSIVE``, ``OTHER``
 ``QUALITYTEXT``                   Quality flag text (TEXT): the flag in words, with its numbers
 ``PARTCOV``                       Lungs not fully covered by the scan
 ``THICK``                         Slice thickness over 5 mm
 ``VOLRANGE``                      Lung volume outside the plausible adult range
 ``NOISE``                         Heavy image noise
+``EXTENSIVE``                     Extensive opacity: opacity percentages may read low
 ``OTHER``                         Other quality flag (see the QUALITYTEXT item)
 ``CNNCLASS``                      Severity class predicted by CNN; values ``NONCOVID``,
                                   ``MILD``, ``MODERATE``, ``SEVERE``, ``CRITICAL``
@@ -124,6 +125,7 @@ _FLAGS = (
     ("slice thickness", "THICK", "Slice thickness over 5 mm"),
     ("lung volume", "VOLRANGE", "Lung volume outside the plausible adult range"),
     ("heavy image noise", "NOISE", "Heavy image noise"),
+    ("extensive opacity", "EXTENSIVE", "Extensive opacity: opacity percentages may read low"),
 )
 
 
@@ -138,7 +140,7 @@ def flag_code(flag: str) -> CodedConcept:
     Returns
     -------
     CodedConcept
-        ``PARTCOV``, ``THICK``, ``VOLRANGE``, ``NOISE``, or ``OTHER`` for a flag
+        ``PARTCOV``, ``THICK``, ``VOLRANGE``, ``NOISE``, ``EXTENSIVE``, or ``OTHER`` for a flag
         this table does not know (its words go into the QUALITYTEXT item).
     """
     for prefix, value, meaning in _FLAGS:
