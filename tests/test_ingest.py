@@ -342,3 +342,35 @@ def test_event_driven_dul_wakes_on_data_after_idling_and_leaks_no_descriptors(
     assert lst.count() == 3
     time.sleep(0.2)  # the acceptor's DUL threads end after the release
     assert len(_open_pipes()) <= pipes_before
+
+
+def test_durable_write_flushes_the_data_before_the_rename_and_the_folder_after(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``[storage] fsync``: contents flushed, then renamed into place, then the folder flushed
+    (the new name survives a power loss too)."""
+    import os
+
+    from node.storage import atomic_write
+
+    events: list[tuple[str, str]] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd: int) -> None:
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def replace(src: str, dst: Path) -> None:
+        events.append(("replace", str(dst)))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    target = tmp_path / "study" / "f.dcm"
+    assert atomic_write(target, [b"DICM", b"data"], fsync=True) == 8
+    assert [e[0] for e in events] == ["fsync", "replace", "fsync"]
+    assert events[0][1].startswith(str(target.parent / ".tmp-"))
+    assert events[2][1] == str(target.parent)
+    assert target.read_bytes() == b"DICMdata"
+    events.clear()
+    atomic_write(target, b"x", fsync=False)
+    assert [e[0] for e in events] == ["replace"]
