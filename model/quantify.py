@@ -137,11 +137,11 @@ def _block_counts(mask: np.ndarray, f: int, fz: int = 1) -> tuple[np.ndarray, np
     y2, x2 = (y // f) * f, (x // f) * f
     m8 = mask.view(np.uint8)
     # strided adds (no reshaped copy of the full-resolution mask), in uint8 while f * f fits
-    counts = m8[:, 0:y2:f, 0:x2:f].astype(np.uint8 if f * f <= 255 else np.uint16)
+    counts: np.ndarray = m8[:, 0:y2:f, 0:x2:f].astype(np.uint8 if f * f <= 255 else np.uint16)
     for i in range(f):
         for j in range(f):
             if i or j:
-                counts += m8[:, i:y2:f, j:x2:f]
+                np.add(counts, m8[:, i:y2:f, j:x2:f], out=counts)
     if fz == 1:
         return counts.astype(np.uint16), np.full((z, 1, 1), f * f)
     nz = -(-z // fz)

@@ -15,7 +15,14 @@ from pathlib import Path
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.encaps import generate_frames
+from pydicom.uid import (
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000TransferSyntaxes,
+    JPEGLSTransferSyntaxes,
+    JPEGTransferSyntaxes,
+)
 
 from model.errors import VolumeError
 
@@ -241,6 +248,34 @@ def _native_pixels(ds: Dataset, rows: int, columns: int) -> tuple[np.ndarray, in
     return raw.reshape(rows, columns), stored
 
 
+_MARKER_ENDED = frozenset(JPEGTransferSyntaxes) | frozenset(JPEGLSTransferSyntaxes) | frozenset(
+    JPEG2000TransferSyntaxes)
+"""Codestreams that end with the FFD9 marker (JPEG and JPEG-LS end of image, JPEG 2000 end of codestream)."""
+
+
+def _check_codestreams(ds: Dataset, h: SliceHeader) -> None:
+    """Refuse JPEG, JPEG-LS and JPEG 2000 frames that do not end with their end marker.
+
+    A truncated JPEG-LS codestream decodes without an error (pyjpegls fills the
+    rest of the image with whatever it has): without this check a slice cut
+    short in transfer would be analysed as garbage pixels.
+    """
+    syntax = ds.file_meta.get("TransferSyntaxUID") if getattr(ds, "file_meta", None) else None
+    if syntax not in _MARKER_ENDED:
+        return
+    try:
+        frames = list(generate_frames(ds.PixelData, number_of_frames=int(ds.get("NumberOfFrames", 1) or 1)))
+    except Exception as exc:  # noqa: BLE001 - pydicom raises several types for broken encapsulation
+        raise VolumeError(f"cannot decode pixel data of SOP {h.sop_instance_uid} "
+                          f"(transfer syntax {syntax}): the encapsulated frames are broken: {exc}") from exc
+    for i, frame in enumerate(frames, start=1):
+        if not frame.rstrip(b"\x00").endswith(b"\xff\xd9"):
+            raise VolumeError(
+                f"cannot decode pixel data of SOP {h.sop_instance_uid} (transfer syntax {syntax}): "
+                f"frame {i} ends without its end marker (FFD9); the compressed image is truncated "
+                "or corrupt: send the instance again")
+
+
 def _decode(ds: Dataset, h: SliceHeader) -> tuple[np.ndarray, int]:
     """Pixel words of one slice and their Bits Stored (unused high bits not yet cleared)."""
     if "PixelData" not in ds:
@@ -248,6 +283,7 @@ def _decode(ds: Dataset, h: SliceHeader) -> tuple[np.ndarray, int]:
     native = _native_pixels(ds, h.rows, h.columns)
     if native is not None:
         return native
+    _check_codestreams(ds, h)
     try:
         raw = ds.pixel_array
     except Exception as exc:  # noqa: BLE001 - decoders raise many types; re-raised typed

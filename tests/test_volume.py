@@ -9,7 +9,7 @@ import numpy as np
 import pydicom
 import pytest
 from pydicom.encaps import encapsulate, generate_frames
-from pydicom.uid import ImplicitVRLittleEndian, RLELossless, generate_uid
+from pydicom.uid import ImplicitVRLittleEndian, JPEG2000Lossless, JPEGLSLossless, RLELossless, generate_uid
 
 from model.errors import VolumeError
 from model.volume import load_series, load_series_with_headers, read_headers, sort_headers
@@ -138,3 +138,26 @@ def test_undecodable_pixel_data_names_the_sop(tmp_path: Path) -> None:
     paths = _series(tmp_path, "broken", edit)
     with pytest.raises(VolumeError, match=f"cannot decode pixel data of SOP {bad[0]}"):
         load_series(paths)
+
+
+@pytest.mark.parametrize("syntax", [JPEGLSLossless, JPEG2000Lossless])
+def test_truncated_codestream_is_refused_not_analysed(tmp_path: Path, syntax: str) -> None:
+    """A JPEG-LS frame cut short decodes without an error in pyjpegls (garbage pixels); the
+    loader checks the end marker and names the slice instead."""
+    bad: list[str] = []
+
+    def edit(i: int, ds: pydicom.Dataset) -> None:
+        ds.compress(syntax)
+        if i == 2:
+            frame = next(generate_frames(ds.PixelData, number_of_frames=1))
+            ds.PixelData = encapsulate([frame[: len(frame) * 2 // 3]])
+            bad.append(ds.SOPInstanceUID)
+
+    paths = _series(tmp_path, f"cut-{syntax}", edit)
+    with pytest.raises(VolumeError, match=f"SOP {bad[0]} .*truncated or corrupt"):
+        load_series(paths)
+
+
+def test_intact_compressed_series_passes_the_end_marker_check(tmp_path: Path) -> None:
+    paths = _series(tmp_path, "jls", lambda i, ds: ds.compress(JPEGLSLossless))
+    np.testing.assert_array_equal(load_series(paths).hu, _reference_hu(paths))
