@@ -231,13 +231,22 @@ def main() -> None:
         from node.outbox import send_files
         from node.settings import DicomSettings, Peer
 
-        with Orthanc(tmp / "orthanc-send3", tcp_nodelay=True) as o:
-            peer = Peer(name="orthanc", ae_title=o.aet, host="127.0.0.1", port=o.dicom_port)
-            t1 = time.perf_counter()
-            sent = send_files(sorted(one[0].iterdir()), peer, DicomSettings())
-            t_direct = time.perf_counter() - t1
-            assert all(status == 0 for _, status, _ in sent), "Orthanc refused an instance"
-            assert len(o.get("/instances")) == n
+        def send_direct(nodelay: bool) -> float:
+            with Orthanc(tmp / f"orthanc-send-{uuid.uuid4().hex[:6]}", tcp_nodelay=nodelay) as o:
+                peer = Peer(name="orthanc", ae_title=o.aet, host="127.0.0.1", port=o.dicom_port)
+                t1 = time.perf_counter()
+                sent = send_files(sorted(one[0].iterdir()), peer, DicomSettings())
+                elapsed = time.perf_counter() - t1
+                assert all(status == 0 for _, status, _ in sent), "Orthanc refused an instance"
+                assert len(o.get("/instances")) == n
+            return elapsed
+
+        t_direct = send_direct(True)
+        # into an Orthanc that keeps DCMTK's default (Nagle on, no TCP_NODELAY): storescu with its
+        # default waits for delayed ACKs; the node's SCU must not
+        with Orthanc(tmp / "orthanc-send-nagle", tcp_nodelay=False) as o:
+            t_scu_nagle = storescu_time(one, o.dicom_port, o.aet, False)
+        t_direct_nagle = send_direct(False)
 
         w = 72
         print(f"\n{'case':{w}} {'Orthanc inst/s':>15} {'node inst/s':>12} {'node/Orthanc time':>18}")
@@ -261,8 +270,10 @@ def main() -> None:
               f"{t_direct / t_scu:18.2f}")
         print(f"{'1 association, `lungnode send` (CLI)':45} {n / t_scu:15.0f} {n / t_send:12.0f} "
               f"{t_send / t_scu:18.2f}")
-        print("(TCP_NODELAY=1 for Orthanc; the CLI time includes starting the process, about 1 s; "
-              "send_files is what the outbox runs)")
+        print(f"{'send_files, Orthanc and storescu without TCP_NODELAY':45} {n / t_scu_nagle:15.0f} "
+              f"{n / t_direct_nagle:12.0f} {t_direct_nagle / t_scu_nagle:18.2f}")
+        print("(TCP_NODELAY=1 for Orthanc and storescu unless the row says otherwise; the CLI time "
+              "includes starting the process, about 1 s; send_files is what the outbox runs)")
     finally:
         drop_pg_schemas()
         shutil.rmtree(tmp, ignore_errors=True)
