@@ -261,7 +261,7 @@ def main() -> None:
               "  node fsync=false: file renamed into place and row committed before the ack, "
               "nothing flushed (SQLite synchronous=NORMAL, PostgreSQL synchronous_commit=off):\n"
               "    survives a crash of the node, not a power loss (Orthanc's level);\n"
-              "  node fsync=true (the default): the file and the commit are also flushed to the "
+              "  node fsync=true (the default): the file, its folder and the commit are also flushed to the "
               "device before the ack (SQLite synchronous=FULL, PostgreSQL synchronous_commit="
               + _pg_setting("synchronous_commit") + ")")
         head = f"{'storescu inst/s':>15} {'node inst/s':>12} {'node/storescu time':>18}"
