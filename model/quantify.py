@@ -7,13 +7,14 @@ The dataclasses are the contract used by the reports and the node;
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 from scipy import ndimage as ndi
 
 from model import morph
-from model.lungs import LungMasks, block_mean, expand_slices, slice_group, upsample_mask
+from model.lungs import LungMasks, block_mean, slice_group, upsample_mask
 from model.volume import CTVolume
 
 __all__ = [
@@ -111,18 +112,22 @@ def category_for(percent_opacity: float, normal_below: float = 1.0) -> str:
     return "CT-4"
 
 
-def _lung_box(mask: np.ndarray, f: int) -> tuple[slice, slice, slice]:
-    """Bounding box of the lungs, in-plane edges on multiples of the block size ``f``."""
-    if not mask.any():
-        return (slice(0, 0), slice(0, 0), slice(0, 0))
+def _lung_box(masks: Sequence[np.ndarray], f: int) -> tuple[slice, slice, slice]:
+    """Bounding box of the lungs (the union of ``masks``), in-plane edges on multiples of ``f``.
+
+    Per mask and axis a reduction, so no full-size union is made.
+    """
+    shape = masks[0].shape
     box = []
     for axis in range(3):
         other = tuple(a for a in range(3) if a != axis)
-        idx = np.nonzero(mask.any(axis=other))[0]
+        idx = np.nonzero(np.logical_or.reduce([m.any(axis=other) for m in masks]))[0]
+        if idx.size == 0:
+            return (slice(0, 0), slice(0, 0), slice(0, 0))
         lo, hi = int(idx[0]), int(idx[-1]) + 1
         if axis > 0:
             lo = (lo // f) * f
-            hi = min((mask.shape[axis] // f) * f, -(-hi // f) * f)
+            hi = min((shape[axis] // f) * f, -(-hi // f) * f)
         box.append(slice(lo, hi))
     return box[0], box[1], box[2]
 
@@ -169,15 +174,19 @@ def _disk(radius_px: float) -> np.ndarray:
     return (yy * yy + xx * xx) <= radius_px * radius_px + 0.25
 
 
-def _neighbour_noise(hu: np.ndarray, lung: np.ndarray) -> float | None:
-    """Noise SD from differences of neighbouring pixels of normal parenchyma (robust SD / sqrt 2)."""
-    zs = np.nonzero(lung.any(axis=(1, 2)))[0]
+def _neighbour_noise(hu: np.ndarray, masks: Sequence[np.ndarray]) -> float | None:
+    """Noise SD from differences of neighbouring pixels of normal parenchyma (robust SD / sqrt 2).
+
+    ``masks``: the lung as the union of these (left and right), taken slice by slice.
+    """
+    zs = np.nonzero(np.logical_or.reduce([m.any(axis=(1, 2)) for m in masks]))[0]
     if zs.size == 0:
         return None
     diffs = []
     for z in zs[np.linspace(0, zs.size - 1, min(7, zs.size)).astype(int)]:
         sl = hu[z].astype(np.float32)
-        inner = lung[z, :, 1:] & lung[z, :, :-1] & (sl[:, 1:] < -600) & (sl[:, :-1] < -600)
+        lung = np.logical_or.reduce([m[z] for m in masks])
+        inner = lung[:, 1:] & lung[:, :-1] & (sl[:, 1:] < -600) & (sl[:, :-1] < -600)
         diffs.append((sl[:, 1:] - sl[:, :-1])[inner])
     d = np.concatenate(diffs)
     if d.size < 500:
@@ -191,7 +200,7 @@ def image_noise_hu(volume: CTVolume, masks: LungMasks) -> float | None:
     Neighbour differences cancel the anatomy and keep the noise; measured on up
     to seven slices through the lungs.  ``None`` when too few pixels qualify.
     """
-    return _neighbour_noise(volume.hu, masks.both)
+    return _neighbour_noise(volume.hu, [masks.left, masks.right])
 
 
 def _smooth_in_lung(hu: np.ndarray, lung: np.ndarray, sigma: float) -> np.ndarray:
@@ -325,22 +334,21 @@ def quantify(volume: CTVolume, masks: LungMasks, thresholds: OpacityThresholds =
     px_mm = max(volume.spacing[1], volume.spacing[2])
     f = max(1, int(round(params.grid_mm / px_mm)))
     fz = slice_group(volume.spacing[0], params.slice_grid_mm)
-    both = masks.both
-    box = _lung_box(both, f)
-    opacity_full = np.zeros(volume.shape, dtype=bool)
+    box = _lung_box([masks.left, masks.right], f)
+    opacity_full = np.zeros(volume.shape, dtype=bool)  # pages are touched only where written
     noise: float | None = None
-    lung_box = both[box]
+    left_box, right_box = masks.left[box], masks.right[box]
     voxel_ml = volume.voxel_volume_ml
     # left and right do not overlap (segment_lungs gives each voxel to one lung), so the lung
     # voxels of a block are the left's and the right's
-    left_n, sizes = _block_counts(masks.left[box], f, fz)
-    right_n, _ = _block_counts(masks.right[box], f, fz)
+    left_n, sizes = _block_counts(left_box, f, fz)
+    right_n, _ = _block_counts(right_box, f, fz)
     opacity = high = np.zeros(left_n.shape, dtype=bool)
-    if lung_box.any():
+    if left_n.any() or right_n.any():
         hu = block_mean(volume.hu[box], f, fz)
         lung = (left_n.astype(np.int64) + right_n) * 2 >= sizes
-        noise = _neighbour_noise(volume.hu[box], lung_box)
-        q_noise = _neighbour_noise(hu, lung)
+        noise = _neighbour_noise(volume.hu[box], [left_box, right_box])
+        q_noise = _neighbour_noise(hu, [lung])
         sigma = 0.5
         if q_noise is not None:  # white-ish noise falls as 1 / (2 sigma sqrt(pi)) under a Gaussian
             sigma = float(np.clip(q_noise / (2.0 * np.sqrt(np.pi) * params.target_noise_hu), 0.5, 2.5))
@@ -350,8 +358,13 @@ def quantify(volume: CTVolume, masks: LungMasks, thresholds: OpacityThresholds =
         voxel_mm3 = volume.spacing[0] * volume.spacing[1] * volume.spacing[2] * f * f * fz
         opacity, high = _opacity(hu, lung, thresholds, params, px_mm * f, voxel_mm3, sigma, rim_mm)
         del hu, lung
-        n = lung_box.shape[0]
-        opacity_full[box] = upsample_mask(expand_slices(opacity, fz, n), f, lung_box.shape) & lung_box
+        # the opacity mask on the volume's grid, slice by slice (no full-size temporaries)
+        out = opacity_full[box]
+        plane = left_box.shape[1:]
+        for k in np.nonzero(opacity.any(axis=(1, 2)))[0]:
+            marked = upsample_mask(opacity[k], f, plane)
+            for z in range(k * fz, min((k + 1) * fz, out.shape[0])):
+                out[z] = marked & (left_box[z] | right_box[z])
         logger.debug("series %s: noise %s HU, smoothing sigma %.2f px of %.2f mm",
                      volume.series_instance_uid, noise, sigma, px_mm * f)
     # counted per block of the reduced grid: the same as counting the full-resolution masks with
@@ -359,7 +372,7 @@ def quantify(volume: CTVolume, masks: LungMasks, thresholds: OpacityThresholds =
     left = _measure(left_n, opacity, high, voxel_ml)
     right = _measure(right_n, opacity, high, voxel_ml)
     total = _measure(left_n.astype(np.int64) + right_n, opacity, high, voxel_ml)
-    flags = _quality_flags(volume, both, total, noise, params)
+    flags = _quality_flags(volume, masks, total, noise, params)
     return Quantification(
         left=left, right=right, total=total,
         severity_category=category_for(total.percent_opacity, normal_below_percent),
@@ -368,10 +381,10 @@ def quantify(volume: CTVolume, masks: LungMasks, thresholds: OpacityThresholds =
     )
 
 
-def _quality_flags(volume: CTVolume, both: np.ndarray, total: LungMeasurement,
+def _quality_flags(volume: CTVolume, masks: LungMasks, total: LungMeasurement,
                    noise: float | None, params: QuantifyParams) -> list[str]:
     flags = []
-    if both[0].any() or both[-1].any():
+    if any(m[0].any() or m[-1].any() for m in (masks.left, masks.right)):
         flags.append("lungs not fully covered by the scan (lung on the first or last slice)")
     if volume.slice_thickness > 5.0:
         flags.append(f"slice thickness {volume.slice_thickness:g} mm is over 5 mm")
