@@ -7,7 +7,7 @@ TCP_NODELAY=1 Orthanc of the same round):
 
 - ``storescu``: DCMTK storescu (TCP_NODELAY=1), the process timed from start
   to exit (a C program: its start is a few milliseconds);
-- ``node send_files``: ``node.outbox.send_files`` in this process, timed
+- ``node send_files``: ``node.scu.send_files`` in this process, timed
   around the call (association, sends, release): what the outbox does for a
   delivery, without any process start;
 - ``pynetdicom send_c_store``: the same call with the direct path switched
@@ -47,8 +47,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from benchmarks.bench_ingest import make_data as make_files  # noqa: E402
-from node import outbox  # noqa: E402
-from node.outbox import send_files  # noqa: E402
+from node import scu  # noqa: E402
+from node.scu import send_files  # noqa: E402
 from node.settings import DicomSettings, Peer  # noqa: E402
 from tests.dcmtk import env_for  # noqa: E402
 from tests.peers import Orthanc  # noqa: E402
@@ -82,15 +82,15 @@ def run_storescu(dirs: list[Path], o: Orthanc) -> tuple[float, float]:
 
 def run_send_files(files: list[Path], o: Orthanc, direct: bool) -> tuple[float, float]:
     peer = Peer(name="orthanc", ae_title=o.aet, host="127.0.0.1", port=o.dicom_port)
-    usable = outbox._DirectStore.usable
+    usable = scu._DirectStore.usable
     if not direct:
-        outbox._DirectStore.usable = staticmethod(lambda assoc: False)  # type: ignore[method-assign]
+        scu._DirectStore.usable = staticmethod(lambda assoc: False)  # type: ignore[method-assign]
     try:
         c0, t0 = _self_cpu(), time.perf_counter()
         results = send_files(files, peer, DicomSettings(ae_title="LUNGNODE"))
         t, cpu = time.perf_counter() - t0, _self_cpu() - c0
     finally:
-        outbox._DirectStore.usable = usable  # type: ignore[method-assign]
+        scu._DirectStore.usable = usable  # type: ignore[method-assign]
     bad = [r for r in results if r[1] != 0]
     if bad:
         raise RuntimeError(f"{len(bad)} files not stored, first: {bad[0]}")

@@ -190,7 +190,7 @@ def _dicom_files(paths: list[Path]) -> list[Path]:
 @app.command()
 def send(paths: list[Path], to: Annotated[str, typer.Option("--to", help="peer name")]) -> None:
     """C-STORE DICOM files or folders to a peer, with a progress bar."""
-    from node.outbox import send_files
+    from node.scu import send_files
 
     s = _settings()
     try:

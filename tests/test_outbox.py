@@ -32,15 +32,8 @@ from node.db import (
 )
 from node.errors import DeliveryError
 from node.migrate import upgrade
-from node.outbox import (
-    _DirectStore,
-    backoff,
-    c_store_command,
-    deliver_due,
-    read_stored_file,
-    retry_delivery,
-    send_files,
-)
+from node.outbox import backoff, deliver_due, retry_delivery
+from node.scu import _DirectStore, c_store_command, read_stored_file, send_files
 from node.settings import DeliverySettings, DicomSettings, Peer
 from tests.conftest import B40F
 from tests.peers import Orthanc, StoreSCP, free_port
