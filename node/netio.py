@@ -19,6 +19,7 @@ import queue
 import select
 import socket
 import threading
+import time
 import types
 from collections.abc import Callable
 from typing import Any, cast
@@ -212,7 +213,7 @@ def _dul_reactor(self: DULServiceProvider, raw: socket.socket, wake: _WakingQueu
                 try:
                     select.select([raw.fileno(), wake.wake_r], [], [], _DUL_WAIT_SECONDS)
                 except (OSError, ValueError):  # the socket is closed: the turn below finds out
-                    threading.Event().wait(DUL_POLL_SECONDS)
+                    time.sleep(DUL_POLL_SECONDS)
                 wake.drain()
             if self._kill_thread:
                 break
