@@ -79,8 +79,8 @@ class StorageSettings(_Section):
     min_free_mb: int = Field(500, ge=0)
     """Below this much free space C-STORE is answered 0xA700 (out of resources)."""
     fsync: bool = True
-    """Flush every received file, and the commit of its row, to the device before
-    acknowledging it (``False``: written and committed, not flushed: survives a
+    """Flush every received file, its folder (the new name) and the commit of its row to
+    the device before acknowledging it (``False``: written and committed, not flushed: survives a
     crash of the node, not a power loss)."""
 
 
