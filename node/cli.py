@@ -18,6 +18,7 @@ from typing import Annotated
 import pydicom
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import Progress
 from rich.table import Table
 from sqlalchemy import or_, select
@@ -111,7 +112,15 @@ def serve(config: ConfigOpt = None) -> None:
         _state.config = config
     s = _settings()
     node = Node(s, _load_predictor(s))
-    node.start()
+    try:
+        node.start()
+    except (ConfigError, OSError) as exc:
+        node.stop()
+        err_console.print(f"[red]the node cannot start on {s.dicom.host}:{s.dicom.port}: "
+                          f"{escape(str(exc))}[/red]\n"
+                          "Is another program (another lungnode, a PACS) using the port? Stop it, or "
+                          "change \\[dicom] port or \\[web] port in the configuration.")
+        raise typer.Exit(2) from exc
     console.print(f"lungnode {s.dicom.ae_title} listening on {s.dicom.host}:{s.dicom.port}; "
                   f"storage {s.storage.root}; database {_safe_url(s.database.url)}")
 

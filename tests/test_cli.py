@@ -144,3 +144,22 @@ def test_web_page_lists_studies(tmp_path: Path) -> None:
         assert rows[0]["state"] == "receiving"
     finally:
         web.stop()
+
+
+@pytest.mark.parametrize("receivers", [1, 2])
+def test_serve_on_a_port_in_use_exits_with_the_reason(tmp_path: Path, receivers: int) -> None:
+    import socket
+
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        cfg = write_config(tmp_path / "lungnode.toml", {
+            "dicom": {"host": "127.0.0.1", "port": port, "receivers": receivers},
+            "storage": {"root": "storage", "min_free_mb": 1},
+            "database": {"url": "sqlite:///db/lungnode.db"},
+            "web": {"enabled": False},
+            "model": {"enabled": False},
+        }, [])
+        res = run_cli("serve", config=cfg, check=False)
+    assert res.returncode == 2
+    assert "cannot start" in res.stderr and str(port) in res.stderr
+    assert "Traceback" not in res.stderr
