@@ -380,26 +380,30 @@ def _refine(volume: CTVolume, f: int, fz: int, left_c: np.ndarray, right_c: np.n
     near_left = morph.dilate(left_c, _SQUARE) & ~right_c
     sigma = 0.5 * f
     core_only = core.any(axis=(1, 2)) & ~band.any(axis=(1, 2))
-    for k in range(shape[0]):
-        kc = k // fz
+    for kc in range(core.shape[0]):  # one reduced slice, then the fz volume slices it stands for
+        ks = range(kc * fz, min((kc + 1) * fz, shape[0]))
         if core_only[kc]:
-            left[k] = upsample_mask(core[kc] & near_left[kc], f, shape[1:])
-            right[k] = upsample_mask(core[kc] & ~near_left[kc], f, shape[1:])
+            for k in ks:
+                left[k] = upsample_mask(core[kc] & near_left[kc], f, shape[1:])
+                right[k] = upsample_mask(core[kc] & ~near_left[kc], f, shape[1:])
         if not band[kc].any():
             continue
         rows = np.nonzero(band[kc].any(axis=1))[0]
         cols = np.nonzero(band[kc].any(axis=0))[0]
         r0, r1 = rows[0] * f, min(shape[1], (rows[-1] + 1) * f)
         c0, c1 = cols[0] * f, min(shape[2], (cols[-1] + 1) * f)
-        sub = volume.hu[k, r0:r1, c0:c1].astype(np.float32)
-        air = morph.gaussian(sub, sigma, truncate=2.0) < air_hu
         part = (slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1))
         up = (r1 - r0, c1 - c0)
-        lung = (upsample_mask(core[kc][part], f, up)
-                | upsample_mask(band[kc][part], f, up) & (air | upsample_mask(taken_c[kc][part], f, up)))
+        core_up = upsample_mask(core[kc][part], f, up)
+        band_up = upsample_mask(band[kc][part], f, up)
+        taken_up = upsample_mask(taken_c[kc][part], f, up)
         is_left = upsample_mask(near_left[kc][part], f, up)
-        left[k, r0:r1, c0:c1] = lung & is_left
-        right[k, r0:r1, c0:c1] = lung & ~is_left
+        for k in ks:
+            sub = volume.hu[k, r0:r1, c0:c1].astype(np.float32)
+            air = morph.gaussian(sub, sigma, truncate=2.0) < air_hu
+            lung = core_up | band_up & (air | taken_up)
+            left[k, r0:r1, c0:c1] = lung & is_left
+            right[k, r0:r1, c0:c1] = lung & ~is_left
     return left, right
 
 
