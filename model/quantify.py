@@ -159,14 +159,6 @@ def _block_counts(mask: np.ndarray, f: int, fz: int = 1) -> tuple[np.ndarray, np
     return sums, sizes
 
 
-def _reduce_mask(mask: np.ndarray, f: int, fz: int = 1) -> np.ndarray:
-    """Majority of each ``fz x f x f`` block (a last group of fewer slices votes with those it has)."""
-    if f == 1 and fz == 1:
-        return mask.copy()
-    counts, sizes = _block_counts(mask, f, fz)
-    return counts.astype(np.int64) * 2 >= sizes
-
-
 def _disk(radius_px: float) -> np.ndarray:
     """A 2D disk of radius ``radius_px`` (fractional radii allowed)."""
     r = max(1, int(np.floor(radius_px)))
@@ -344,9 +336,10 @@ def quantify(volume: CTVolume, masks: LungMasks, thresholds: OpacityThresholds =
     left_n, sizes = _block_counts(left_box, f, fz)
     right_n, _ = _block_counts(right_box, f, fz)
     opacity = high = np.zeros(left_n.shape, dtype=bool)
-    if left_n.any() or right_n.any():
+    lung_n = left_n.astype(np.int64) + right_n
+    if lung_n.any():
         hu = block_mean(volume.hu[box], f, fz)
-        lung = (left_n.astype(np.int64) + right_n) * 2 >= sizes
+        lung = lung_n * 2 >= sizes
         noise = _neighbour_noise(volume.hu[box], [left_box, right_box])
         q_noise = _neighbour_noise(hu, [lung])
         sigma = 0.5
@@ -371,7 +364,7 @@ def quantify(volume: CTVolume, masks: LungMasks, thresholds: OpacityThresholds =
     # the opacity flags upsampled to them, without passes over the full volume
     left = _measure(left_n, opacity, high, voxel_ml)
     right = _measure(right_n, opacity, high, voxel_ml)
-    total = _measure(left_n.astype(np.int64) + right_n, opacity, high, voxel_ml)
+    total = _measure(lung_n, opacity, high, voxel_ml)
     flags = _quality_flags(volume, masks, total, noise, params)
     return Quantification(
         left=left, right=right, total=total,

@@ -52,6 +52,7 @@ from node.storage import InstanceStore, validate_uid
 __all__ = [
     "ACCEPTED_SOP_CLASSES",
     "ACCEPTED_TRANSFER_SYNTAXES",
+    "LONG_VRS",
     "StoreSCP",
     "scan_dataset",
 ]
@@ -111,8 +112,9 @@ def file_meta_bytes(sop_class: str, sop_instance: str, transfer_syntax: str, sou
 
 
 _UNDEFINED = 0xFFFFFFFF
-_LONG_VRS = frozenset((b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"UC", b"UN", b"UR",
-                       b"UT", b"SV", b"UV"))
+LONG_VRS = frozenset((b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"UC", b"UN", b"UR",
+                      b"UT", b"SV", b"UV"))
+"""Explicit VRs whose element header has two reserved bytes and a 4-byte length (PS3.5 7.1.2)."""
 _WANTED = {
     0x00080016: "SOPClassUID", 0x00080018: "SOPInstanceUID", 0x00080060: "Modality",
     0x0020000D: "StudyInstanceUID", 0x0020000E: "SeriesInstanceUID",
@@ -145,7 +147,7 @@ def _walk(buf: memoryview, pos: int, implicit: bool, found: dict[str, str] | Non
             is_sq = length == _UNDEFINED
         else:
             _, _, vr, short = _TAG_VR_LEN.unpack_from(buf, pos)
-            if vr in _LONG_VRS:
+            if vr in LONG_VRS:
                 if pos + 12 > end:
                     raise _Malformed
                 length = _TAG_LEN.unpack_from(buf, pos + 4)[2]

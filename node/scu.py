@@ -30,6 +30,7 @@ from pynetdicom.dsutils import split_dataset
 
 from node.errors import DeliveryError
 from node.netio import tune_connection
+from node.scp import LONG_VRS
 from node.settings import DicomSettings, Peer
 
 __all__ = ["StoredFile", "c_store_command", "read_stored_file", "send_files"]
@@ -54,7 +55,6 @@ class StoredFile:
     length: int
 
 
-_LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"UC", b"UN", b"UR", b"UT"})
 _META_HEAD = 8192  # File Meta Information is a few hundred bytes; longer ones go to pydicom
 
 
@@ -75,7 +75,7 @@ def _parse_meta(head: bytes) -> tuple[dict[int, bytes], int] | None:
             if end is not None:  # the group length promised more
                 return None
             break
-        if vr in _LONG_VRS:
+        if vr in LONG_VRS:
             if pos + 12 > len(head):
                 return None
             (length,) = struct.unpack_from("<I", head, pos + 8)

@@ -28,7 +28,7 @@ from node.settings import Settings
 from node.storage import InstanceStore
 from node.web import WebServer
 
-__all__ = ["Node", "ReceiverPool", "receiver_count"]
+__all__ = ["Node"]
 
 logger = logging.getLogger(__name__)
 
