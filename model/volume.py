@@ -24,6 +24,7 @@ from pydicom.uid import (
     JPEGTransferSyntaxes,
 )
 
+from model import buffers
 from model.errors import VolumeError
 
 __all__ = [
@@ -104,29 +105,89 @@ class CTVolume:
         return float(np.prod(self.spacing)) / 1000.0
 
 
+def _values(ds: Dataset, tag: int) -> list[str] | None:
+    """The values of a text element (DS, IS, UI, CS) as strings; ``None`` when absent or empty.
+
+    An element pydicom has not converted yet is read from its bytes: converting
+    the dozen elements every slice needs costs more than decoding its pixels
+    (0.12 ms against 0.01 ms per slice), and the values are plain ASCII.
+    """
+    elem = ds.get_item(tag)
+    if elem is None or elem.value is None:
+        return None
+    value = elem.value
+    if isinstance(value, bytes | bytearray):
+        text = value.decode("ascii", "replace").strip(" \0")
+        return [v.strip() for v in text.split("\\")] if text else None
+    if isinstance(value, str | int | float):
+        return [str(value)] if str(value) != "" else None
+    return [str(v) for v in value] or None
+
+
+def _number(ds: Dataset, tag: int, default: float | None = None) -> float | None:
+    """A single-valued DS or IS element as a float (``default`` when absent or empty)."""
+    values = _values(ds, tag)
+    return float(values[0]) if values else default
+
+
+def _unsigned(ds: Dataset, tag: int) -> int | None:
+    """A US element's value; ``None`` when absent or empty."""
+    elem = ds.get_item(tag)
+    if elem is None or elem.value is None:
+        return None
+    value = elem.value
+    if isinstance(value, bytes | bytearray):
+        if not value:
+            return None
+        if len(value) != 2:
+            return int(ds[tag].value)  # unusual (a multi-valued or damaged element): pydicom decides
+        encoding = ds.original_encoding
+        return int.from_bytes(value, "big" if encoding[1] is False else "little")
+    return int(value)
+
+
+_POSITION, _ORIENTATION, _PIXEL_SPACING, _THICKNESS = 0x00200032, 0x00200037, 0x00280030, 0x00180050
+_SOP_UID, _SERIES_UID, _ROWS, _COLUMNS = 0x00080018, 0x0020000E, 0x00280010, 0x00280011
+_BITS_ALLOCATED, _BITS_STORED, _PIXEL_REPRESENTATION = 0x00280100, 0x00280101, 0x00280103
+_SAMPLES, _FRAMES, _INTERCEPT, _SLOPE = 0x00280002, 0x00280008, 0x00281052, 0x00281053
+
+
 def _header(path: Path, ds: Dataset) -> SliceHeader:
     try:
-        pos = tuple(float(v) for v in ds.ImagePositionPatient)
-        ori = tuple(float(v) for v in ds.ImageOrientationPatient)
-        spacing = tuple(float(v) for v in ds.PixelSpacing)
-    except (AttributeError, TypeError, ValueError) as exc:
+        pos = tuple(float(v) for v in _values(ds, _POSITION) or ())
+        ori = tuple(float(v) for v in _values(ds, _ORIENTATION) or ())
+        spacing = tuple(float(v) for v in _values(ds, _PIXEL_SPACING) or ())
+    except ValueError as exc:
         raise VolumeError(
             f"{path.name} (SOP {ds.get('SOPInstanceUID', '?')}) lacks usable "
             f"Image Position/Orientation (Patient) or Pixel Spacing: {exc}"
         ) from exc
+    if not (pos and ori and spacing):
+        missing = [name for name, v in (("ImagePositionPatient", pos), ("ImageOrientationPatient", ori),
+                                        ("PixelSpacing", spacing)) if not v]
+        raise VolumeError(
+            f"{path.name} (SOP {ds.get('SOPInstanceUID', '?')}) lacks usable "
+            f"Image Position/Orientation (Patient) or Pixel Spacing: no {', '.join(missing)}")
     if len(pos) != 3 or len(ori) != 6 or len(spacing) != 2:
         raise VolumeError(f"{path.name}: malformed geometry attributes")
-    thickness = ds.get("SliceThickness")
+    sop, series = _values(ds, _SOP_UID), _values(ds, _SERIES_UID)
+    rows, columns = _unsigned(ds, _ROWS), _unsigned(ds, _COLUMNS)
+    if not sop or not series or rows is None or columns is None:
+        raise VolumeError(f"{path.name} lacks SOP Instance UID, Series Instance UID, Rows or Columns")
+    try:
+        thickness = _number(ds, _THICKNESS)
+    except ValueError:
+        thickness = None
     return SliceHeader(
         path=path,
-        sop_instance_uid=str(ds.SOPInstanceUID),
-        series_instance_uid=str(ds.SeriesInstanceUID),
+        sop_instance_uid=sop[0],
+        series_instance_uid=series[0],
         position=pos,  # type: ignore[arg-type]
         orientation=ori,  # type: ignore[arg-type]
         pixel_spacing=spacing,  # type: ignore[arg-type]
-        rows=int(ds.Rows),
-        columns=int(ds.Columns),
-        slice_thickness=float(thickness) if thickness not in (None, "") else None,
+        rows=rows,
+        columns=columns,
+        slice_thickness=thickness,
     )
 
 
@@ -230,12 +291,15 @@ def _native_pixels(ds: Dataset, rows: int, columns: int) -> tuple[np.ndarray, in
     if meta is None or meta.get("TransferSyntaxUID") not in _NATIVE_LITTLE_ENDIAN:
         return None
     try:
-        allocated = int(ds.BitsAllocated)
-        stored = int(ds.get("BitsStored", allocated))
-        signed = int(ds.PixelRepresentation) == 1
-        samples = int(ds.get("SamplesPerPixel", 1))
-        frames = int(ds.get("NumberOfFrames", 1) or 1)
-    except (AttributeError, TypeError, ValueError):
+        allocated = _unsigned(ds, _BITS_ALLOCATED)
+        representation = _unsigned(ds, _PIXEL_REPRESENTATION)
+        if allocated is None or representation is None:
+            return None
+        stored = _unsigned(ds, _BITS_STORED) or allocated
+        signed = representation == 1
+        samples = _unsigned(ds, _SAMPLES) or 1
+        frames = int(_number(ds, _FRAMES) or 1)
+    except (TypeError, ValueError):
         return None
     if samples != 1 or frames != 1 or allocated not in (8, 16, 32) or not 0 < stored <= allocated:
         return None
@@ -309,8 +373,8 @@ def _to_hu(raw: np.ndarray, stored: int, ds: Dataset, out: np.ndarray,
     """Stored values to HU (Rescale Slope/Intercept), rounded and clipped to ``int16``, in ``out``."""
     if raw.shape != out.shape:
         raise ValueError(f"pixel data has shape {raw.shape}, expected {out.shape}")
-    slope = float(ds.get("RescaleSlope", 1) or 1)
-    intercept = float(ds.get("RescaleIntercept", 0) or 0)
+    slope = _number(ds, _SLOPE) or 1.0
+    intercept = _number(ds, _INTERCEPT) or 0.0
     if not (slope == 1.0 and intercept.is_integer()):
         out[...] = np.clip(np.rint(_stored_values(raw, stored) * slope + intercept), -32768, 32767)
         return
@@ -399,7 +463,7 @@ def load_series_with_headers(paths: Sequence[Path]) -> tuple[CTVolume, tuple[Dat
         ds = pydicom.dcmread(path)
         h = _header(path, ds)
         if i == 0:
-            hu = np.empty((len(files), h.rows, h.columns), dtype=np.int16)
+            hu = buffers.take((len(files), h.rows, h.columns), np.int16)
             scratch = np.empty((h.rows, h.columns), dtype=np.int32)
         datasets.append(ds)
         headers.append(h)

@@ -60,6 +60,20 @@ def test_native_series_matches_pydicom_and_returns_headers(tmp_path: Path) -> No
     assert np.array_equal(load_series(paths).hu, volume.hu)
 
 
+def test_a_volume_in_use_keeps_its_memory_when_the_next_one_loads(tmp_path: Path) -> None:
+    """The HU arrays come from model.buffers: a second series must not overwrite a live first."""
+    first_paths = _series(tmp_path, "first")
+    second_paths = _series(tmp_path, "second", edit=lambda i, ds: setattr(ds, "RescaleIntercept", -1000))
+    first = load_series(first_paths)
+    kept = first.hu.copy()
+    second = load_series(second_paths)
+    assert np.array_equal(first.hu, kept)
+    assert np.array_equal(second.hu, kept + 24)  # the files' intercept is -1024
+    del first
+    third = load_series(first_paths)  # may reuse the first one's memory now
+    assert np.array_equal(third.hu, kept) and np.array_equal(second.hu, kept + 24)
+
+
 def _signed_12_bit_with_junk(i: int, ds: pydicom.Dataset) -> None:
     """Signed 12-bit words whose unused high bits hold junk (pydicom sign-extends)."""
     stored = _stored(ds)
