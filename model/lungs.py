@@ -77,6 +77,9 @@ class LungMasks:
 
     left: np.ndarray
     right: np.ndarray
+    box: tuple[slice, slice, slice] | None = None
+    """A box (z, y, x slices) that holds every voxel of both masks, when the segmentation knows
+    one (it saves the quantification a pass over the masks); ``None``: not known."""
 
     @property
     def both(self) -> np.ndarray:
@@ -489,4 +492,10 @@ def segment_lungs(volume: CTVolume, *, params: LungParams = LungParams()) -> Lun
             f"series {uid}: found {left_ml + right_ml:.0f} ml of lung; the series may not cover the "
             "chest or may not be a lung CT")
     logger.info("series %s: lungs %.0f ml left, %.0f ml right", uid, left_ml, right_ml)
-    return LungMasks(left=left, right=right)
+    # the reduced masks' box; the outline refinement adds at most one reduced voxel in-plane
+    small_box = _box([left_c, right_c], margin=1)
+    shape = volume.shape
+    full_box = (slice(small_box[0].start * fz, min(shape[0], small_box[0].stop * fz)),
+                slice(small_box[1].start * f, min(shape[1], small_box[1].stop * f)),
+                slice(small_box[2].start * f, min(shape[2], small_box[2].stop * f)))
+    return LungMasks(left=left, right=right, box=full_box)

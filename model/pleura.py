@@ -292,11 +292,14 @@ def close_radially(parts: list[np.ndarray], allowed: np.ndarray, ribs: np.ndarra
         if zs.size < 2:
             out.append(part)
             continue
-        cy = np.full(n_z, np.nan, np.float32)
-        cx = np.full(n_z, np.nan, np.float32)
-        for k in zs:
-            yy, xx = np.nonzero(part[k])
-            cy[k], cx[k] = yy.mean(), xx.mean()
+        # per slice the mean row and column of the lung's pixels (sums of integers: exact)
+        per_row = part.sum(axis=2, dtype=np.int64)
+        per_col = part.sum(axis=1, dtype=np.int64)
+        count = per_row.sum(axis=1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            cy = (per_row @ np.arange(per_row.shape[1])) / count
+            cx = (per_col @ np.arange(per_col.shape[1])) / count
+        cy, cx = cy.astype(np.float32), cx.astype(np.float32)  # NaN where the slice has no lung
         span = slice(int(zs[0]), int(zs[-1]) + 1)
         for c in (cy, cx):  # centres move smoothly with height; gaps take their neighbours' value
             seg = c[span]
@@ -326,18 +329,26 @@ def close_radially(parts: list[np.ndarray], allowed: np.ndarray, ribs: np.ndarra
         grow[span] = np.where(valid[span] & away & (dent > 1.0) & (dent <= max_fill_mm), closed, 0.0)
         others = np.logical_or.reduce([p for j, p in enumerate(parts) if j != i]) if len(parts) > 1 else None
         grown = part.copy()
+        h, w = part.shape[1:]
         for k in np.nonzero(grow.any(axis=1))[0]:
-            ry, rx = (gy - cy[k]) * sy, (gx - cx[k]) * sx
+            # rays reach at most max_fill_mm beyond the outline: the grid around the centre out to
+            # the longest grown ray (no pixel outside it can be added or stop a ray)
+            reach = float(grow[k].max())
+            y0, y1 = max(0, int(cy[k] - reach / sy) - 1), min(h, int(cy[k] + reach / sy) + 2)
+            x0, x1 = max(0, int(cx[k] - reach / sx) - 1), min(w, int(cx[k] + reach / sx) + 2)
+            win = (slice(y0, y1), slice(x0, x1))
+            ry, rx = (gy[win] - cy[k]) * sy, (gx[win] - cx[k]) * sx
             rad = np.hypot(ry, rx)
             b = ((np.arctan2(ry, rx) + np.pi) / (2 * np.pi) * bins).astype(np.int32) % bins
+            ok = allowed[k][win]
             # a ray stops at the first rib (of this or a nearby slice) or the body's edge
-            beyond = (~allowed[k] | ribs_near[k]) & (rad > r_out[k][b])
+            beyond = (~ok | ribs_near[k][win]) & (rad > r_out[k][b])
             stop = np.full(bins, np.inf, np.float32)
             np.minimum.at(stop, b[beyond], rad[beyond])
-            add = (rad > r_out[k][b]) & (rad <= np.minimum(grow[k], stop)[b]) & allowed[k]
+            add = (rad > r_out[k][b]) & (rad <= np.minimum(grow[k], stop)[b]) & ok
             if others is not None:
-                add &= ~others[k]
-            grown[k] |= add
+                add &= ~others[k][win]
+            grown[k][win] |= add
         out.append(grown)
     return out
 

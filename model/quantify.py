@@ -10,6 +10,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import cv2
 import numpy as np
 from scipy import ndimage as ndi
 
@@ -112,23 +113,30 @@ def category_for(percent_opacity: float, normal_below: float = 1.0) -> str:
     return "CT-4"
 
 
-def _lung_box(masks: Sequence[np.ndarray], f: int) -> tuple[slice, slice, slice]:
-    """Bounding box of the lungs (the union of ``masks``), in-plane edges on multiples of ``f``.
+def _lung_box(masks: LungMasks, f: int, fz: int) -> tuple[slice, slice, slice]:
+    """A box around the lungs on the measurement grid: edges on multiples of ``f`` in-plane and of
+    ``fz`` in z (so the blocks, and the numbers, do not depend on how tight the box is).
 
-    Per mask and axis a reduction, so no full-size union is made.
+    The segmentation's box when the masks carry one; else per mask and axis a
+    reduction (no full-size union is made).
     """
-    shape = masks[0].shape
+    shape = masks.left.shape
+    if masks.box is not None:
+        spans = [(b.start or 0, shape[axis] if b.stop is None else b.stop) for axis, b in enumerate(masks.box)]
+    else:
+        spans = []
+        for axis in range(3):
+            other = tuple(a for a in range(3) if a != axis)
+            idx = np.nonzero(np.logical_or.reduce([m.any(axis=other) for m in (masks.left, masks.right)]))[0]
+            if idx.size == 0:
+                return (slice(0, 0), slice(0, 0), slice(0, 0))
+            spans.append((int(idx[0]), int(idx[-1]) + 1))
     box = []
-    for axis in range(3):
-        other = tuple(a for a in range(3) if a != axis)
-        idx = np.nonzero(np.logical_or.reduce([m.any(axis=other) for m in masks]))[0]
-        if idx.size == 0:
-            return (slice(0, 0), slice(0, 0), slice(0, 0))
-        lo, hi = int(idx[0]), int(idx[-1]) + 1
-        if axis > 0:
-            lo = (lo // f) * f
-            hi = min((shape[axis] // f) * f, -(-hi // f) * f)
-        box.append(slice(lo, hi))
+    for axis, (lo, hi) in enumerate(spans):
+        step = fz if axis == 0 else f
+        lo = (lo // step) * step
+        hi = min(shape[axis] if axis == 0 else (shape[axis] // f) * f, -(-hi // step) * step)
+        box.append(slice(lo, max(lo, hi)))
     return box[0], box[1], box[2]
 
 
@@ -140,23 +148,22 @@ def _block_counts(mask: np.ndarray, f: int, fz: int = 1) -> tuple[np.ndarray, np
     """
     z, y, x = mask.shape
     y2, x2 = (y // f) * f, (x // f) * f
-    m8 = mask.view(np.uint8)
-    # strided adds (no reshaped copy of the full-resolution mask), in uint8 while f * f fits
-    counts: np.ndarray = m8[:, 0:y2:f, 0:x2:f].astype(np.uint8 if f * f <= 255 else np.uint16)
-    for i in range(f):
-        for j in range(f):
-            if i or j:
-                np.add(counts, m8[:, i:y2:f, j:x2:f], out=counts)
-    if fz == 1:
-        return counts.astype(np.uint16), np.full((z, 1, 1), f * f)
     nz = -(-z // fz)
-    full = (z // fz) * fz
-    sums = np.empty((nz, *counts.shape[1:]), dtype=np.uint16)
-    sums[: z // fz] = counts[:full].reshape(z // fz, fz, *counts.shape[1:]).sum(axis=1, dtype=np.uint16)
-    if full < z:  # (np.add.reduceat along the first axis is several times slower)
-        sums[-1] = counts[full:].sum(axis=0, dtype=np.uint16)
+    m8 = mask.view(np.uint8)
+    counts = np.empty((nz, y2 // f, x2 // f), dtype=np.uint16)
+    for k in range(nz):
+        slab = m8[k * fz:(k + 1) * fz, :y2, :x2]
+        total = slab[0] if len(slab) == 1 else np.add.reduce(slab, axis=0, dtype=np.uint16)
+        if f == 1:
+            counts[k] = total
+            continue
+        # an area resize by a whole factor is the block mean; times the block's area it is the
+        # count, exact in float32 (OpenCV: twice as fast as strided adds)
+        mean = cv2.resize(total.astype(np.float32), (x2 // f, y2 // f), interpolation=cv2.INTER_AREA)
+        np.rint(mean * (f * f), out=mean)
+        counts[k] = mean
     sizes = np.minimum(fz, z - np.arange(nz) * fz)[:, None, None] * (f * f)
-    return sums, sizes
+    return counts, sizes
 
 
 def _disk(radius_px: float) -> np.ndarray:
@@ -326,7 +333,7 @@ def quantify(volume: CTVolume, masks: LungMasks, thresholds: OpacityThresholds =
     px_mm = max(volume.spacing[1], volume.spacing[2])
     f = max(1, int(round(params.grid_mm / px_mm)))
     fz = slice_group(volume.spacing[0], params.slice_grid_mm)
-    box = _lung_box([masks.left, masks.right], f)
+    box = _lung_box(masks, f, fz)
     opacity_full = buffers.take(volume.shape, bool, zero=True)
     noise: float | None = None
     left_box, right_box = masks.left[box], masks.right[box]

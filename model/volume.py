@@ -7,6 +7,7 @@ coordinates (LPS, millimetres).
 
 from __future__ import annotations
 
+import gc
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -455,6 +456,19 @@ def load_series_with_headers(paths: Sequence[Path]) -> tuple[CTVolume, tuple[Dat
     files = [Path(p) for p in paths]
     if not files:
         raise VolumeError("the series has no slices")
+    # the datasets are a few hundred thousand small objects: the cyclic collector would pass over
+    # them again and again while they are made (a quarter of the load time in a node worker);
+    # reference counting frees them as usual, and any cycle is collected once it is back on
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        return _load(files)
+    finally:
+        if collecting:
+            gc.enable()
+
+
+def _load(files: list[Path]) -> tuple[CTVolume, tuple[Dataset, ...]]:
     datasets: list[Dataset] = []
     headers: list[SliceHeader] = []
     errors: dict[int, VolumeError] = {}

@@ -161,6 +161,24 @@ def test_left_and_right_follow_patient_x_not_the_image_axes(real: dict[str, Anal
     assert fq.total.percent_opacity == pytest.approx(q.total.percent_opacity, abs=0.5)
 
 
+@pytest.mark.parametrize("kernel", ["B70f", "B40f"])
+def test_the_segmentation_box_holds_the_lungs_and_measures_alike(real: dict[str, Analysis],
+                                                                  kernel: str) -> None:
+    """The box segment_lungs hands quantify (to save it a pass over the masks)."""
+    volume, masks, q = real[kernel]
+    assert masks.box is not None
+    outside = np.ones(volume.shape, dtype=bool)
+    outside[masks.box] = False
+    assert not (masks.left & outside).any() and not (masks.right & outside).any()
+    assert (masks.left | masks.right)[masks.box].sum() == (masks.left | masks.right).sum() > 0
+    unboxed = quantify(volume, LungMasks(left=masks.left, right=masks.right))
+    for a, b in ((q.left, unboxed.left), (q.right, unboxed.right), (q.total, unboxed.total)):
+        assert a.volume_ml == b.volume_ml  # counted exactly either way
+        # the box only moves the smoothing's image border: a few voxels at most
+        assert a.percent_opacity == pytest.approx(b.percent_opacity, abs=0.05)
+        assert a.percent_high_opacity == pytest.approx(b.percent_high_opacity, abs=0.05)
+
+
 # --- synthetic studies with known truth -----------------------------------------------------
 
 

@@ -95,3 +95,19 @@ def test_block_mean_is_the_mean_of_each_block(f: int, fz: int) -> None:
         slab = hu[k * fz:(k + 1) * fz, :y2, :x2].astype(np.float64)
         ref = slab.reshape(slab.shape[0], y2 // f, f, x2 // f, f).mean(axis=(0, 2, 4))
         assert np.abs(out[k] - ref).max() < 1e-3
+
+
+@pytest.mark.parametrize("f,fz", [(1, 3), (2, 1), (2, 2), (3, 3), (4, 2)])
+def test_block_counts_count_each_block(f: int, fz: int) -> None:
+    from model.quantify import _block_counts
+
+    mask = _blobs((7, 50, 47), seed=5)  # remainders in every axis
+    counts, sizes = _block_counts(mask, f, fz)
+    y2, x2 = (50 // f) * f, (47 // f) * f
+    nz = -(-7 // fz)
+    assert counts.shape == (nz, y2 // f, x2 // f) and counts.dtype == np.uint16
+    for k in range(nz):
+        slab = mask[k * fz:(k + 1) * fz, :y2, :x2]
+        ref = slab.reshape(slab.shape[0], y2 // f, f, x2 // f, f).sum(axis=(0, 2, 4))
+        assert np.array_equal(counts[k], ref)
+        assert int(sizes[k].squeeze()) == slab.shape[0] * f * f

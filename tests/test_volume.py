@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -175,3 +176,25 @@ def test_truncated_codestream_is_refused_not_analysed(tmp_path: Path, syntax: st
 def test_intact_compressed_series_passes_the_end_marker_check(tmp_path: Path) -> None:
     paths = _series(tmp_path, "jls", lambda i, ds: ds.compress(JPEGLSLossless))
     np.testing.assert_array_equal(load_series(paths).hu, _reference_hu(paths))
+
+
+def test_header_values_read_from_bytes_match_pydicoms(tmp_path: Path) -> None:
+    """The loader reads geometry from the elements' bytes; pydicom's converted values agree."""
+    from model.volume import slice_header
+
+    paths = _series(tmp_path, "raw", edit=lambda i, ds: setattr(ds, "SliceThickness", ""), count=2)
+    raw = slice_header(paths[0], pydicom.dcmread(paths[0]))
+    converted_ds = pydicom.dcmread(paths[0])
+    for keyword in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "Rows", "Columns",
+                    "SOPInstanceUID", "SeriesInstanceUID", "SliceThickness"):
+        getattr(converted_ds, keyword)  # converts the element
+    converted = slice_header(paths[0], converted_ds)
+    assert raw == replace(converted, path=raw.path) and raw.slice_thickness is None
+    assert raw.position == tuple(float(v) for v in converted_ds.ImagePositionPatient)
+    assert (raw.rows, raw.columns) == (converted_ds.Rows, converted_ds.Columns)
+
+
+def test_missing_geometry_names_the_attribute(tmp_path: Path) -> None:
+    paths = _series(tmp_path, "nogeo", edit=lambda i, ds: delattr(ds, "PixelSpacing"), count=2)
+    with pytest.raises(VolumeError, match="PixelSpacing"):
+        load_series(paths)
