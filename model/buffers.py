@@ -12,22 +12,21 @@ An array is reused only when nothing refers to it any more: the pool holds
 the owning array and hands out views of it; every view, and every view of a
 view, holds a reference to the owner, so the owner's reference count says
 whether any is alive (checked under a lock).  The pool keeps at most
-:data:`POOL_BYTES` (the largest arrays of the last studies); ``LUNGNODE_BUFFER_POOL_MB=0``
-in the environment turns it off.
+:data:`POOL_BYTES` of arrays between studies (:func:`set_limit`; the node sets it from
+``[analysis] buffer_pool_mb``; 0 turns the pool off).
 """
 
 from __future__ import annotations
 
 import math
-import os
 import sys
 import threading
 
 import numpy as np
 
-__all__ = ["POOL_BYTES", "clear", "pooled_bytes", "take"]
+__all__ = ["POOL_BYTES", "clear", "pooled_bytes", "set_limit", "take"]
 
-POOL_BYTES = int(float(os.environ.get("LUNGNODE_BUFFER_POOL_MB", "1536")) * 2**20)
+POOL_BYTES = 1536 * 2**20
 """Most bytes the pool keeps between studies (default 1.5 GB: the four arrays of a 600-slice study
 of 512 x 512 take 750 MB)."""
 
@@ -94,6 +93,14 @@ def _trim() -> None:
             total -= _pool.pop(i).nbytes
         else:
             i += 1
+
+
+def set_limit(nbytes: int) -> None:
+    """Keep at most ``nbytes`` between studies (0: no pool; arrays are made fresh each time)."""
+    global POOL_BYTES
+    with _lock:
+        POOL_BYTES = max(0, int(nbytes))
+        _trim()
 
 
 def pooled_bytes() -> int:

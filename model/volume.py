@@ -29,8 +29,10 @@ from model import buffers
 from model.errors import VolumeError
 
 __all__ = [
+    "MARKER_ENDED_SYNTAXES",
     "CTVolume",
     "SliceHeader",
+    "has_end_marker",
     "load_series",
     "load_series_with_headers",
     "read_headers",
@@ -313,9 +315,22 @@ def _native_pixels(ds: Dataset, rows: int, columns: int) -> tuple[np.ndarray, in
     return raw.reshape(rows, columns), stored
 
 
-_MARKER_ENDED = frozenset(JPEGTransferSyntaxes) | frozenset(JPEGLSTransferSyntaxes) | frozenset(
+MARKER_ENDED_SYNTAXES = frozenset(JPEGTransferSyntaxes) | frozenset(JPEGLSTransferSyntaxes) | frozenset(
     JPEG2000TransferSyntaxes)
-"""Codestreams that end with the FFD9 marker (JPEG and JPEG-LS end of image, JPEG 2000 end of codestream)."""
+"""Transfer syntaxes whose codestreams end with the FFD9 marker (JPEG and JPEG-LS end of image,
+JPEG 2000 end of codestream)."""
+
+
+def has_end_marker(frame: bytes | memoryview) -> bool:
+    """Whether a JPEG, JPEG-LS or JPEG 2000 frame ends with its end marker (after any zero padding).
+
+    A codestream cut short in transfer lacks it; pyjpegls would still decode one
+    (filling the rest of the image with whatever it has).
+    """
+    tail = bytes(frame[-16:]).rstrip(b"\x00")
+    if tail:
+        return tail.endswith(b"\xff\xd9")
+    return bytes(frame).rstrip(b"\x00").endswith(b"\xff\xd9")
 
 
 def _check_codestreams(ds: Dataset, h: SliceHeader) -> None:
@@ -326,7 +341,7 @@ def _check_codestreams(ds: Dataset, h: SliceHeader) -> None:
     short in transfer would be analysed as garbage pixels.
     """
     syntax = ds.file_meta.get("TransferSyntaxUID") if getattr(ds, "file_meta", None) else None
-    if syntax not in _MARKER_ENDED:
+    if syntax not in MARKER_ENDED_SYNTAXES:
         return
     try:
         frames = list(generate_frames(ds.PixelData, number_of_frames=int(ds.get("NumberOfFrames", 1) or 1)))
@@ -334,7 +349,7 @@ def _check_codestreams(ds: Dataset, h: SliceHeader) -> None:
         raise VolumeError(f"cannot decode pixel data of SOP {h.sop_instance_uid} "
                           f"(transfer syntax {syntax}): the encapsulated frames are broken: {exc}") from exc
     for i, frame in enumerate(frames, start=1):
-        if not frame.rstrip(b"\x00").endswith(b"\xff\xd9"):
+        if not has_end_marker(frame):
             raise VolumeError(
                 f"cannot decode pixel data of SOP {h.sop_instance_uid} (transfer syntax {syntax}): "
                 f"frame {i} ends without its end marker (FFD9); the compressed image is truncated "

@@ -239,7 +239,8 @@ def run_job(ctx: NodeContext, claimed: ClaimedJob) -> StudyState:
         return state
     except SelectionError as exc:
         with ctx.sessions() as session:
-            finish_job_failed(session, claimed.job_id, ctx.owner, str(exc), StudyState.REJECTED)
+            finish_job_failed(session, claimed.job_id, ctx.owner,
+                              str(exc) + _refusals_note(session, claimed.study_id), StudyState.REJECTED)
         return StudyState.REJECTED
     except (AnalysisError, LungnodeError, OSError) as exc:
         msg = f"{type(exc).__name__}: {exc}"
@@ -247,8 +248,22 @@ def run_job(ctx: NodeContext, claimed: ClaimedJob) -> StudyState:
         logger.exception("job %d: unexpected error", claimed.job_id)
         msg = f"internal error ({type(exc).__name__}: {exc}); please report it with the log"
     with ctx.sessions() as session:
-        finish_job_failed(session, claimed.job_id, ctx.owner, msg, StudyState.FAILED)
+        finish_job_failed(session, claimed.job_id, ctx.owner, msg + _refusals_note(session, claimed.study_id),
+                          StudyState.FAILED)
     return StudyState.FAILED
+
+
+def _refusals_note(session: Session, study_id: int) -> str:
+    """What the failure reason adds about instances of the study refused on arrival (often the cause:
+    a slice refused leaves a gap), or ``""``."""
+    refused = list(session.scalars(
+        select(AuditEntry.detail).where(AuditEntry.study_id == study_id,
+                                        AuditEntry.action == "instance-refused")
+        .order_by(AuditEntry.id)))
+    if not refused:
+        return ""
+    more = f" (and {len(refused) - 1} more; see the audit log)" if len(refused) > 1 else ""
+    return f"\n{len(refused)} instance(s) of this study were refused on arrival: {refused[0]}{more}"
 
 
 def _record_selection(ctx: NodeContext, claimed: ClaimedJob, selected: SelectedSeries) -> None:

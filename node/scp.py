@@ -43,6 +43,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 )
 from pynetdicom.transport import ThreadedAssociationServer
 
+from model.volume import MARKER_ENDED_SYNTAXES, has_end_marker
 from node.catalog import Catalog, InstanceRecord
 from node.errors import StorageError
 from node.netio import tune_connection
@@ -54,6 +55,7 @@ __all__ = [
     "ACCEPTED_TRANSFER_SYNTAXES",
     "LONG_VRS",
     "StoreSCP",
+    "codestream_cut_short",
     "scan_dataset",
 ]
 
@@ -213,6 +215,43 @@ def scan_dataset(data: memoryview, transfer_syntax: UID) -> tuple[dict[str, str]
     return found, has_pixels
 
 
+def codestream_cut_short(data: memoryview, transfer_syntax: UID) -> bool:
+    """Whether encapsulated JPEG, JPEG-LS or JPEG 2000 pixel data lacks its end (the data set was
+    cut short in transfer or on the sender's disk).
+
+    Checks that the fragments run to the sequence delimiter and that the last one
+    ends with the end marker (what :func:`model.volume.load_series` checks per
+    frame).  ``False`` for other transfer syntaxes and for data sets the quick
+    scan does not follow (the loader checks those).
+    """
+    if transfer_syntax not in MARKER_ENDED_SYNTAXES or not transfer_syntax.is_little_endian:
+        return False
+    try:
+        pos, has_pixels = _walk(data, 0, transfer_syntax.is_implicit_VR, {}, False)
+    except (_Malformed, struct.error):
+        return False
+    if not has_pixels:
+        return False
+    end = len(data)
+    last: tuple[int, int] | None = None
+    fragments = 0
+    while True:
+        if pos + 8 > end:
+            return True  # no sequence delimiter: the data stops inside the pixel data
+        group, elem, length = _TAG_LEN.unpack_from(data, pos)
+        tag = group << 16 | elem
+        pos += 8
+        if tag == _SEQ_END:
+            break
+        if tag != _ITEM or length == _UNDEFINED or pos + length > end:
+            return True
+        if fragments and length:  # the first item is the Basic Offset Table
+            last = (pos, length)
+        fragments += 1
+        pos += length
+    return last is None or not has_end_marker(data[last[0]:last[0] + last[1]])
+
+
 def _status(code: int, comment: str) -> Dataset:
     ds = Dataset()
     ds.Status = code
@@ -322,6 +361,12 @@ class StoreSCP:
                        f"the presentation context {context_class}")
         elif not has_pixels:
             problem = f"SOP {sop_uid} has no pixel data; a CT image needs it"
+        elif scanned is not None and codestream_cut_short(raw.getbuffer(), UID(transfer_syntax)):
+            problem = (f"SOP {sop_uid}: the compressed pixel data ({UID(transfer_syntax).name}) ends "
+                       "without its end marker: the image was cut short or is corrupt; nothing was "
+                       "stored: send the instance again")
+            self.catalog.record_refusal(study_uid, "instance-refused", f"from {calling}: {problem}")
+            return _Refusal(STATUS_CANNOT_UNDERSTAND, problem)
         if problem:
             self.catalog.record_refusal(study_uid, "instance-refused", problem)
             return _Refusal(STATUS_DATASET_MISMATCH, problem)

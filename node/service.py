@@ -16,6 +16,7 @@ import threading
 from apscheduler.schedulers.background import BackgroundScheduler  # type: ignore[import-untyped]
 from sqlalchemy.orm import Session, sessionmaker
 
+from model import buffers
 from node.catalog import Catalog
 from node.db import make_engine, make_session_factory
 from node.jobs import claim_job, lease_owner, queue_stable_studies, release_orphaned_leases
@@ -48,6 +49,7 @@ class Node:
     def __init__(self, settings: Settings, predictor: Predictor | None = None, *,
                  receive: bool = True, work: bool = True, schedule: bool = True) -> None:
         self.settings = settings
+        buffers.set_limit(settings.analysis.buffer_pool_mb * 2**20)
         self.engine = make_engine(settings.database.url, echo=settings.database.echo,
                                   durable=settings.storage.fsync)
         self.sessions: sessionmaker[Session] = make_session_factory(self.engine)

@@ -122,6 +122,8 @@ class AnalysisSettings(_Section):
     """Percentage of opacity under which a study counts as CT-0."""
     anonymize: bool = True
     """Write the de-identified archive copy before analysis."""
+    buffer_pool_mb: int = Field(1536, ge=0)
+    """Volume-sized arrays kept for the next study (:mod:`model.buffers`); 0: none kept."""
 
 
 class ModelSettings(_Section):

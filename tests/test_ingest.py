@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+from pydicom.encaps import encapsulate, generate_frames
 from pydicom.uid import JPEG2000Lossless, JPEGLSLossless, RLELossless
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage, MRImageStorage  # type: ignore[attr-defined]
@@ -141,6 +142,39 @@ def test_compressed_transfer_syntaxes_are_stored_and_decode_to_the_same_hu(
     stored = load_series([lst.settings.storage.root / r.path for r in rows])
     original = load_series(src)
     np.testing.assert_array_equal(stored.hu, original.hu)
+
+
+@pytest.mark.parametrize("syntax", [JPEGLSLossless, JPEG2000Lossless, "jpeg-lossless"])
+def test_truncated_codestream_is_refused_at_c_store(listener: Callable[..., Listener], tmp_path: Path,
+                                                    syntax: str) -> None:
+    """A compressed image cut short (a well-formed data set whose codestream lacks its end marker)
+    is refused when it arrives, named and recorded on the study; the intact ones are stored."""
+    lst = listener()
+    src = sorted(B40F.iterdir())[:3]
+    out = tmp_path / "cut"
+    out.mkdir()
+    for i, f in enumerate(src):
+        if syntax == "jpeg-lossless":
+            subprocess.run(["dcmcjpeg", "--encode-lossless-sv1", str(f), str(out / f.name)], check=True)
+            ds = pydicom.dcmread(out / f.name)
+        else:
+            ds = pydicom.dcmread(f)
+            ds.compress(syntax)
+        if i == 1:
+            frame = next(generate_frames(ds.PixelData, number_of_frames=1))
+            ds.PixelData = encapsulate([frame[: len(frame) * 2 // 3]])
+            cut = ds.SOPInstanceUID
+        ds.save_as(out / f.name, enforce_file_format=True)
+    files = [pydicom.dcmread(out / f.name) for f in src]
+    ts = str(files[0].file_meta.TransferSyntaxUID)
+    assert _scu_send(lst.port, files, contexts=((CTImageStorage, ts),)) == [0, 0xC000, 0]
+    assert lst.count() == 2
+    detail = lst.audit("instance-refused")[0].detail or ""
+    assert f"SOP {cut}" in detail and "end marker" in detail and "send the instance again" in detail
+    with lst.sessions() as s:
+        study = s.scalars(select(Study)).one()
+        assert "end marker" in (study.reason or "")
+        assert cut not in set(s.scalars(select(Instance.sop_instance_uid)))
 
 
 def test_non_ct_sop_class_is_rejected_at_negotiation(listener: Callable[..., Listener]) -> None:

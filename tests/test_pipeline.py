@@ -89,7 +89,10 @@ def test_mixed_orientations_are_rejected_with_the_reason(node: Node, tmp_path: P
     _no_results(node, 30)
 
 
-def test_corrupt_compressed_pixel_data_fails_with_the_instance_named(node: Node, tmp_path: Path) -> None:
+def test_cut_short_compressed_image_is_refused_on_arrival_and_named_in_the_outcome(
+        node: Node, tmp_path: Path) -> None:
+    """A JPEG 2000 slice cut short is refused at C-STORE (0xC000, checked by the end marker); the
+    series then has a gap, so the study is rejected, and the reason names the refused slice."""
     bad_uid: list[str] = []
 
     def corrupt(i: int, ds: pydicom.Dataset) -> None:
@@ -99,12 +102,15 @@ def test_corrupt_compressed_pixel_data_fails_with_the_instance_named(node: Node,
             ds.PixelData = encapsulate([frame[:200]])  # the codestream is cut short
             bad_uid.append(ds.SOPInstanceUID)
 
-    _send(node, _copy(tmp_path, "corrupt", corrupt), ("--propose-j2k-lossless",))
+    storescu([_copy(tmp_path, "corrupt", corrupt)], "127.0.0.1", node.settings.dicom.port, "LUNGNODE",
+             extra_args=("--propose-j2k-lossless", "--no-halt"))
     study = _final(node)
-    assert study.state == StudyState.FAILED
-    assert "cannot decode pixel data" in (study.reason or "")
-    assert bad_uid[0] in (study.reason or "")
-    _no_results(node, 30)
+    assert study.state == StudyState.REJECTED
+    reason = study.reason or ""
+    assert "irregular slice spacing" in reason and "slices are missing" in reason
+    assert "1 instance(s) of this study were refused on arrival" in reason
+    assert f"SOP {bad_uid[0]}" in reason and "end marker" in reason
+    _no_results(node, 29)
 
 
 def test_results_first_then_the_de_identified_archive(node: Node, tmp_path: Path) -> None:
