@@ -34,7 +34,6 @@ _lock = threading.Lock()
 _pool: list[np.ndarray] = []  # owning 1-D uint8 arrays, most recently used last
 
 
-
 def _refs(owner: np.ndarray) -> int:
     return sys.getrefcount(owner)
 
@@ -51,6 +50,7 @@ def _idle_refs() -> int:
 
 
 _IDLE_REFS = _idle_refs()  # measured, not assumed (the count depends on how the call is made)
+
 
 def take(shape: tuple[int, ...], dtype: np.dtype | type, *, zero: bool = False) -> np.ndarray:
     """An array of ``shape`` and ``dtype``, made from pooled memory when an idle owner is big enough.

@@ -278,7 +278,9 @@ def close_radially(parts: list[np.ndarray], allowed: np.ndarray, ribs: np.ndarra
     """
     sz, sy, sx = spacing
     n_z = parts[0].shape[0]
-    gy, gx = np.indices(parts[0].shape[1:], dtype=np.float32)
+    grid = np.indices(parts[0].shape[1:], dtype=np.float32)
+    gy: np.ndarray = grid[0]
+    gx: np.ndarray = grid[1]
     cols = np.nonzero(allowed.any(axis=(0, 1)))[0]
     mid_x = (cols[0] + cols[-1]) / 2.0 if cols.size else parts[0].shape[2] / 2.0
     centres = (np.arange(bins) + 0.5) * (2 * np.pi / bins) - np.pi
@@ -296,10 +298,9 @@ def close_radially(parts: list[np.ndarray], allowed: np.ndarray, ribs: np.ndarra
         per_row = part.sum(axis=2, dtype=np.int64)
         per_col = part.sum(axis=1, dtype=np.int64)
         count = per_row.sum(axis=1)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            cy = (per_row @ np.arange(per_row.shape[1])) / count
-            cx = (per_col @ np.arange(per_col.shape[1])) / count
-        cy, cx = cy.astype(np.float32), cx.astype(np.float32)  # NaN where the slice has no lung
+        with np.errstate(invalid="ignore", divide="ignore"):  # NaN where the slice has no lung
+            cy: np.ndarray = ((per_row @ np.arange(per_row.shape[1])) / count).astype(np.float32)
+            cx: np.ndarray = ((per_col @ np.arange(per_col.shape[1])) / count).astype(np.float32)
         span = slice(int(zs[0]), int(zs[-1]) + 1)
         for c in (cy, cx):  # centres move smoothly with height; gaps take their neighbours' value
             seg = c[span]

@@ -122,7 +122,8 @@ def _lung_box(masks: LungMasks, f: int, fz: int) -> tuple[slice, slice, slice]:
     """
     shape = masks.left.shape
     if masks.box is not None:
-        spans = [(b.start or 0, shape[axis] if b.stop is None else b.stop) for axis, b in enumerate(masks.box)]
+        spans = [(b.start or 0, shape[axis] if b.stop is None else b.stop)
+                 for axis, b in enumerate(masks.box)]
     else:
         spans = []
         for axis in range(3):

@@ -111,9 +111,10 @@ class CTVolume:
 def _values(ds: Dataset, tag: int) -> list[str] | None:
     """The values of a text element (DS, IS, UI, CS) as strings; ``None`` when absent or empty.
 
-    An element pydicom has not converted yet is read from its bytes: converting
-    the dozen elements every slice needs costs more than decoding its pixels
-    (0.12 ms against 0.01 ms per slice), and the values are plain ASCII.
+    An element pydicom has not converted yet is read from its bytes (the values
+    are plain ASCII): converting the dozen elements every slice needs through
+    pydicom costs 0.12 ms per slice, reading their bytes 0.015 ms, next to
+    about 0.65 ms for reading and decoding the whole slice.
     """
     elem = ds.get_item(tag)
     if elem is None or elem.value is None:

@@ -36,8 +36,14 @@ def test_memory_of_a_dropped_array_is_reused() -> None:
 def test_memory_in_use_is_not_handed_out(keep: str) -> None:
     a = buffers.take((4, 100, 100), np.int16)
     a[...] = 7
-    kept = {"array": lambda: a, "slice": lambda: a[1], "view of a view": lambda: a[1:][1:, 5:],
-            "other dtype": lambda: a.view(np.uint8)}[keep]()
+    if keep == "array":
+        kept = a
+    elif keep == "slice":
+        kept = a[1]
+    elif keep == "view of a view":
+        kept = a[1:][1:, 5:]
+    else:
+        kept = a.view(np.uint8)
     del a
     b = buffers.take((4, 100, 100), np.int16)
     b[...] = -1
