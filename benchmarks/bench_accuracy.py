@@ -4,7 +4,9 @@ Synthetic studies from :mod:`training.synth` (known lung and disease masks),
 over a seed set spanning 0-80 % involvement, 1-5 mm slices, smooth and sharp
 kernels and both coverage modes: prints per study the Dice of each lung, the
 true and measured percentage of opacity (PO) and high opacity (PHO), the true
-and measured MosMedData category, then the summary against the floors of the
+and measured MosMedData category, the lung the segmentation left out (% of the
+true lung, and the share of that in the posterior third of each slice's lung),
+then the summary against the floors of the
 quantification issue (Dice >= 0.97 per lung, |PO error| <= 3 points, category
 right in >= 90 % of studies).
 
@@ -59,6 +61,22 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
     return 2.0 * both / max(int(np.count_nonzero(a)) + int(np.count_nonzero(b)), 1)
 
 
+def missed_lung(truth: np.ndarray, found: np.ndarray) -> tuple[float, float]:
+    """Lung the segmentation left out, in % of the true lung, and the share of it in the posterior
+    third of each slice's lung (the paravertebral gutters, where dense dependent disease is lost)."""
+    missed = truth & ~found
+    n_missed = int(np.count_nonzero(missed))
+    if n_missed == 0:
+        return 0.0, 0.0
+    rows = truth.any(axis=2)  # (z, y): rows of each slice that hold lung
+    first = np.argmax(rows, axis=1)
+    last = rows.shape[1] - 1 - np.argmax(rows[:, ::-1], axis=1)
+    z, y, _ = np.nonzero(missed)
+    # the phantom's axes are LPS (rows run towards the back); the posterior third of the lung's rows
+    posterior = y > first[z] + 2.0 * (last[z] - first[z]) / 3.0
+    return 100.0 * n_missed / max(int(np.count_nonzero(truth)), 1), 100.0 * float(posterior.mean())
+
+
 def run_case(case: Case) -> dict[str, float | str]:
     """Generate one phantom, segment and quantify it; return truth and measurement."""
     from model.lungs import segment_lungs
@@ -78,6 +96,7 @@ def run_case(case: Case) -> dict[str, float | str]:
     seconds = time.perf_counter() - t0
     lungs = ph.left_lung | ph.right_lung
     n = max(int(np.count_nonzero(lungs)), 1)
+    missed, posterior = missed_lung(lungs, masks.left | masks.right)
     true_po = 100.0 * np.count_nonzero((ph.ground_glass | ph.consolidation) & lungs) / n
     true_pho = 100.0 * np.count_nonzero(ph.consolidation & lungs) / n
     return {
@@ -87,6 +106,7 @@ def run_case(case: Case) -> dict[str, float | str]:
         "true_po": true_po, "po": q.total.percent_opacity,
         "true_pho": true_pho, "pho": q.total.percent_high_opacity,
         "true_cat": category_for(true_po), "cat": q.severity_category, "seconds": seconds,
+        "missed": missed, "posterior": posterior,
     }
 
 
@@ -135,7 +155,8 @@ def main() -> None:
         keep = {int(v) for v in args.only.split(",")}
         cases = [c for c in cases if c.seed in keep]
     print(f"{'seed':>4} {'inv':>5} {'mm':>4} {'kernel':>6} {'slices':>6} {'Dice L':>7} {'Dice R':>7} "
-          f"{'PO true':>7} {'PO':>6} {'err':>6} {'PHO true':>8} {'PHO':>6} {'cat':>9} {'s':>5}")
+          f"{'PO true':>7} {'PO':>6} {'err':>6} {'PHO true':>8} {'PHO':>6} {'cat':>9} {'s':>5} "
+          f"{'missed %':>8} {'post. %':>7}")
     with ProcessPoolExecutor(max_workers=args.jobs) as pool:
         rows = list(pool.map(run_case, cases))
     for r in rows:
@@ -143,7 +164,8 @@ def main() -> None:
         print(f"{r['seed']:4d} {r['involvement']:5.2f} {r['thickness']:4.1f} {r['kernel']:>6} "
               f"{r['slices']:6d} "
               f"{r['dice_left']:7.3f} {r['dice_right']:7.3f} {r['true_po']:7.2f} {r['po']:6.2f} {err:+6.2f} "
-              f"{r['true_pho']:8.2f} {r['pho']:6.2f} {r['true_cat']:>4}/{r['cat']:<4} {r['seconds']:5.1f}")
+              f"{r['true_pho']:8.2f} {r['pho']:6.2f} {r['true_cat']:>4}/{r['cat']:<4} {r['seconds']:5.1f} "
+              f"{r['missed']:8.1f} {r['posterior']:7.0f}")
     dmin = min(min(float(r["dice_left"]), float(r["dice_right"])) for r in rows)
     errs = np.array([abs(float(r["po"]) - float(r["true_po"])) for r in rows])
     cats = float(np.mean([r["cat"] == r["true_cat"] for r in rows]))
