@@ -14,7 +14,6 @@ import secrets
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -101,35 +100,17 @@ def analyse(selected: SelectedSeries, settings: AnalysisSettings,
     t0 = time.perf_counter()
     masks = segment_lungs(volume)
     timings["segment"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
     thresholds = OpacityThresholds(settings.opacity_low_hu, settings.opacity_high_hu,
                                    settings.high_opacity_high_hu)
-    # the CNN needs only the volume and the masks: it runs beside the quantification (torch and
-    # most of the quantification's array work release the GIL, so a second core works on it)
-    cnn: Future[tuple[Prediction, float]] | None = None
-    if predictor is not None:
-        cnn = _CNN_THREAD.submit(_timed, predictor, volume, masks)
-    t0 = time.perf_counter()
-    try:
-        quant = quantify(volume, masks, thresholds, normal_below_percent=settings.normal_below_percent)
-    except BaseException:
-        if cnn is not None and not cnn.cancel():
-            wait([cnn])  # it reads the volume: let it end; the quantification's error is the one told
-        raise
+    quant = quantify(volume, masks, thresholds, normal_below_percent=settings.normal_below_percent)
     timings["quantify"] = time.perf_counter() - t0
     prediction = None
-    if cnn is not None:
-        prediction, timings["cnn"] = cnn.result()  # re-raises the predictor's error
+    if predictor is not None:
+        t0 = time.perf_counter()
+        prediction = predictor(volume, masks)
+        timings["cnn"] = time.perf_counter() - t0
     return Analysis(selected, volume, masks, quant, prediction, headers, timings)
-
-
-def _timed(predictor: Predictor, volume: CTVolume, masks: LungMasks) -> tuple[Prediction, float]:
-    t0 = time.perf_counter()
-    return predictor(volume, masks), time.perf_counter() - t0
-
-
-_CNN_THREAD = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cnn")
-"""One thread for the CNN beside the quantification (per process; worker threads queue on it, so at
-most one CNN runs at a time and torch's own threads are not oversubscribed)."""
 
 
 def summarise(analysis: Analysis) -> dict[str, Any]:

@@ -15,7 +15,6 @@ from sqlalchemy import func, select
 
 from node.db import AuditEntry, Instance, ResultObject, Study, StudyState, UidMapping
 from node.errors import AnonymizationError
-from node.records import SelectedSeries
 from node.service import Node
 from node.settings import Settings
 from tests.conftest import B40F
@@ -193,57 +192,3 @@ def test_an_archive_left_out_by_a_stop_is_written_by_the_next_start(
         assert len(list(settings.archive_root.rglob("*.dcm"))) == 30
     finally:
         second.stop()
-
-
-def _b40f_series() -> SelectedSeries:
-    paths = tuple(sorted(B40F.glob("*.dcm")))
-    ds = pydicom.dcmread(paths[0], stop_before_pixels=True)
-    return SelectedSeries(str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), paths, "test")
-
-
-def test_the_cnn_runs_beside_the_quantification_and_its_errors_surface(
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    """analyse() runs the predictor in its own thread while quantifying; the result, or the error
-    that matters, comes back as if it had run in line."""
-    import threading
-
-    from model.errors import AnalysisError, ModelError
-    from model.prediction import CLASS_NAMES, Prediction
-    from node import pipeline
-    from node.settings import AnalysisSettings
-
-    seen: list[str] = []
-
-    def predictor(volume, masks):  # type: ignore[no-untyped-def]
-        seen.append(threading.current_thread().name)
-        probs = {c: 1.0 / len(CLASS_NAMES) for c in CLASS_NAMES}
-        return Prediction(probs, CLASS_NAMES[0], "test", "1", "0" * 64, "cpu")
-
-    a = pipeline.analyse(_b40f_series(), AnalysisSettings(), predictor)
-    assert a.prediction is not None and a.prediction.model_name == "test"
-    assert seen and seen[0] != threading.current_thread().name
-    assert {"quantify", "cnn"} <= set(a.timings)
-
-    def failing(volume, masks):  # type: ignore[no-untyped-def]
-        raise ModelError("lungs too small for the model")
-
-    with pytest.raises(ModelError, match="too small"):
-        pipeline.analyse(_b40f_series(), AnalysisSettings(), failing)
-
-    # a quantification error is the one told, after the CNN has ended (it reads the volume)
-    started, ended = threading.Event(), threading.Event()
-
-    def slow(volume, masks):  # type: ignore[no-untyped-def]
-        started.set()
-        time.sleep(0.3)
-        ended.set()
-        raise ModelError("not this one")
-
-    def broken(*args, **kwargs):  # type: ignore[no-untyped-def]
-        assert started.wait(10)  # fail while the CNN is running
-        raise AnalysisError("quantification failed")
-
-    monkeypatch.setattr(pipeline, "quantify", broken)
-    with pytest.raises(AnalysisError, match="quantification failed"):
-        pipeline.analyse(_b40f_series(), AnalysisSettings(), slow)
-    assert ended.is_set()
