@@ -328,9 +328,6 @@ def has_end_marker(frame: bytes | memoryview) -> bool:
     A codestream cut short in transfer lacks it; pyjpegls would still decode one
     (filling the rest of the image with whatever it has).
     """
-    tail = bytes(frame[-16:]).rstrip(b"\x00")
-    if tail:
-        return tail.endswith(b"\xff\xd9")
     return bytes(frame).rstrip(b"\x00").endswith(b"\xff\xd9")
 
 

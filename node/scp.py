@@ -14,7 +14,7 @@ import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 from io import BytesIO
-from typing import cast
+from typing import NamedTuple, cast
 
 from pydicom.dataset import Dataset
 from pydicom.uid import (
@@ -55,6 +55,7 @@ __all__ = [
     "ACCEPTED_TRANSFER_SYNTAXES",
     "LONG_VRS",
     "StoreSCP",
+    "Scan",
     "codestream_cut_short",
     "scan_dataset",
 ]
@@ -197,8 +198,17 @@ def _skip_sequence(buf: memoryview, pos: int, implicit: bool) -> int:
             pos += length
 
 
-def scan_dataset(data: memoryview, transfer_syntax: UID) -> tuple[dict[str, str], bool] | None:
-    """The UIDs and modality of an encoded data set, and whether it has pixel data.
+class Scan(NamedTuple):
+    """What :func:`scan_dataset` read."""
+
+    found: dict[str, str]
+    has_pixels: bool
+    pixel_at: int
+    """Where the pixel data element's value starts (meaningful when ``has_pixels``)."""
+
+
+def scan_dataset(data: memoryview, transfer_syntax: UID) -> Scan | None:
+    """The UIDs and modality of an encoded data set, and whether (and where) it has pixel data.
 
     Reads element headers only (a few microseconds per element, where decoding the
     data set with pydicom costs about half a millisecond per CT image).  ``None``
@@ -209,30 +219,24 @@ def scan_dataset(data: memoryview, transfer_syntax: UID) -> tuple[dict[str, str]
         return None
     found: dict[str, str] = {}
     try:
-        _, has_pixels = _walk(data, 0, transfer_syntax.is_implicit_VR, found, False)
+        pos, has_pixels = _walk(data, 0, transfer_syntax.is_implicit_VR, found, False)
     except (_Malformed, struct.error):
         return None
-    return found, has_pixels
+    return Scan(found, has_pixels, pos)
 
 
-def codestream_cut_short(data: memoryview, transfer_syntax: UID) -> bool:
+def codestream_cut_short(data: memoryview, scan: Scan, transfer_syntax: UID) -> bool:
     """Whether encapsulated JPEG, JPEG-LS or JPEG 2000 pixel data lacks its end (the data set was
     cut short in transfer or on the sender's disk).
 
-    Checks that the fragments run to the sequence delimiter and that the last one
-    ends with the end marker (what :func:`model.volume.load_series` checks per
-    frame).  ``False`` for other transfer syntaxes and for data sets the quick
-    scan does not follow (the loader checks those).
+    ``scan`` is :func:`scan_dataset`'s result for ``data``.  Checks that the
+    fragments run to the sequence delimiter and that the last one ends with the
+    end marker (what :func:`model.volume.load_series` checks per frame).
+    ``False`` for other transfer syntaxes and without pixel data.
     """
-    if transfer_syntax not in MARKER_ENDED_SYNTAXES or not transfer_syntax.is_little_endian:
+    if transfer_syntax not in MARKER_ENDED_SYNTAXES or not scan.has_pixels:
         return False
-    try:
-        pos, has_pixels = _walk(data, 0, transfer_syntax.is_implicit_VR, {}, False)
-    except (_Malformed, struct.error):
-        return False
-    if not has_pixels:
-        return False
-    end = len(data)
+    pos, end = scan.pixel_at, len(data)
     last: tuple[int, int] | None = None
     fragments = 0
     while True:
@@ -331,14 +335,14 @@ class StoreSCP:
             return _Refusal(STATUS_OUT_OF_RESOURCES, msg)
         request = cast(C_STORE, event.request)
         raw = cast(BytesIO, request.DataSet)
-        transfer_syntax = event.context.transfer_syntax
-        scanned = scan_dataset(raw.getbuffer(), UID(transfer_syntax))
+        transfer_syntax = UID(event.context.transfer_syntax)
+        scanned = scan_dataset(raw.getbuffer(), transfer_syntax)
         if scanned is None:
             decoded = event.dataset
             ds: dict[str, object] = {k: decoded.get(k) for k in _WANTED.values()}
             has_pixels = "PixelData" in decoded or "FloatPixelData" in decoded
         else:
-            ds, has_pixels = dict(scanned[0]), scanned[1]
+            ds, has_pixels = dict(scanned.found), scanned.has_pixels
         study_raw = ds.get("StudyInstanceUID")
         try:
             study_uid = validate_uid(study_raw, "Study Instance UID")
@@ -361,8 +365,8 @@ class StoreSCP:
                        f"the presentation context {context_class}")
         elif not has_pixels:
             problem = f"SOP {sop_uid} has no pixel data; a CT image needs it"
-        elif scanned is not None and codestream_cut_short(raw.getbuffer(), UID(transfer_syntax)):
-            problem = (f"SOP {sop_uid}: the compressed pixel data ({UID(transfer_syntax).name}) ends "
+        elif scanned is not None and codestream_cut_short(raw.getbuffer(), scanned, transfer_syntax):
+            problem = (f"SOP {sop_uid}: the compressed pixel data ({transfer_syntax.name}) ends "
                        "without its end marker: the image was cut short or is corrupt; nothing was "
                        "stored: send the instance again")
             self.catalog.record_refusal(study_uid, "instance-refused", f"from {calling}: {problem}")

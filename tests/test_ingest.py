@@ -297,14 +297,14 @@ def test_header_scan_agrees_with_pydicom(implicit: bool) -> None:
                         (as_stored, ds.file_meta.TransferSyntaxUID)):
             scanned = scan_dataset(memoryview(raw), pydicom.uid.UID(ts))
             assert scanned is not None
-            found, has_pixels = scanned
+            found, has_pixels = scanned.found, scanned.has_pixels
             assert found == {k: str(ds[k].value) for k in names if k in ds}
             assert has_pixels
     # no pixel data; truncated; big endian: the scan says so, or leaves it to pydicom
     ds = pydicom.dcmread(sorted(B40F.iterdir())[0])
     del ds.PixelData
     scanned = scan_dataset(memoryview(_encoded(ds, implicit)), pydicom.uid.UID(syntax))
-    assert scanned is not None and scanned[1] is False
+    assert scanned is not None and scanned.has_pixels is False
     truncated = _encoded(pydicom.dcmread(sorted(B40F.iterdir())[0], stop_before_pixels=True),
                          implicit)[:-3]
     assert scan_dataset(memoryview(truncated), pydicom.uid.UID(syntax)) is None
