@@ -220,6 +220,12 @@ class StoreSCP:
     received.  With ``refuse`` it listens but rejects every association (a
     destination that is up and refuses); for one where nothing listens, use
     :func:`free_port` and start nothing.  One association at a time.
+
+    storescp writes each file under its final name while the data arrive, so a
+    listing can show a file cut short.  It runs a command after each file is
+    complete (``--exec-on-reception``); that command leaves a marker of the
+    same name in a folder of its own before the C-STORE response goes out
+    (``--exec-sync``), and :meth:`files` lists only the files that have one.
     """
 
     def __init__(self, folder: Path, *, port: int | None = None, aet: str = "STORESCP",
@@ -234,6 +240,7 @@ class StoreSCP:
         self.extra_args = tuple(extra_args)
         self._proc: subprocess.Popen[bytes] | None = None
         self._log: IO[bytes] | None = None
+        self._done: tempfile.TemporaryDirectory[str] | None = None
 
     @property
     def pid(self) -> int | None:
@@ -254,7 +261,10 @@ class StoreSCP:
         raise AssertionError("not reached")
 
     def _start(self) -> None:
-        cmd = ["storescp", "-aet", self.aet, "-od", str(self.folder), "+xa", *self.extra_args]
+        self._done = tempfile.TemporaryDirectory(prefix="storescp-done-")
+        cmd = ["storescp", "-aet", self.aet, "-od", str(self.folder), "+xa",
+               "--exec-on-reception", f"touch '{self._done.name}/#f'", "--exec-sync",
+               *self.extra_args]
         if self.refuse:
             cmd.append("--refuse")
         cmd.append(str(self.port))
@@ -294,6 +304,9 @@ class StoreSCP:
         if self._log is not None:
             self._log.close()
         self._log = None
+        if self._done is not None:
+            self._done.cleanup()
+        self._done = None
 
     def log_text(self) -> str:
         """What storescp printed so far."""
@@ -304,8 +317,11 @@ class StoreSCP:
         return self._log.read().decode(errors="replace")
 
     def files(self) -> list[Path]:
-        """The files received so far."""
-        return sorted(p for p in self.folder.rglob("*") if p.is_file())
+        """The files received so far, each written to its end."""
+        if self._done is None:
+            return []
+        done = set(os.listdir(self._done.name))
+        return sorted(p for p in self.folder.rglob("*") if p.is_file() and p.name in done)
 
     def wait_for_files(self, count: int, timeout: float = 60) -> list[Path]:
         """Wait until at least ``count`` files were received; return them."""

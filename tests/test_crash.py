@@ -205,8 +205,7 @@ def test_sigkill_during_receive_and_during_job(tmp_path: Path, db_url: str,
             assert len(results) == 3 and len({r.job_id for r in results}) == 1
             producer = s.get_one(Job, results[0].job_id)
             assert producer.attempts == 2  # killed once, finished once
-        _wait(lambda: len([p for p in out.rglob("*") if p.is_file()]) >= 3, 30, "files at the receiver")
-        received = [p for p in out.rglob("*") if p.is_file()]
+        received = receiver.wait_for_files(3, 30)
         uids = [str(pydicom.dcmread(p).SOPInstanceUID) for p in received]
         assert len(uids) == len(set(uids)) == 3
 
