@@ -9,5 +9,8 @@ if command -v pg_isready >/dev/null && ! pg_isready -q -h 127.0.0.1 -p 5432; the
     pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql | head -1)" main start || true
   fi
 fi
+# the code checks first: lint (whole repository) and static types (the packages)
+.venv/bin/ruff check .
+.venv/bin/mypy model node training
 export TCP_NODELAY=1
 exec .venv/bin/python -m pytest -q -p no:cacheprovider "$@"
