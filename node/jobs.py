@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 import psutil
-from sqlalchemy import or_, select, update
+from sqlalchemy import func, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from node.db import Delivery, DeliveryState, Job, JobState, Study, StudyState, utcnow
@@ -70,6 +70,24 @@ def _for_update(session: Session, stmt):  # type: ignore[no-untyped-def]
     return stmt
 
 
+_WAITING = (
+    Study.instance_count > Study.analysed_instance_count,
+    Study.state.in_([StudyState.RECEIVING, StudyState.COMPLETE, StudyState.REJECTED, StudyState.FAILED]),
+)
+"""A study waits for analysis: it has instances no analysis has seen, and no job is queued or running."""
+
+
+def next_stable_at(session: Session, stable_seconds: float) -> datetime | None:
+    """When the next study waiting for analysis becomes stable (``None``: none waits).
+
+    The study that received its last instance longest ago; the completion tick
+    queues it at this time or later.
+    """
+    last = session.scalar(select(func.min(Study.last_received_at)).where(*_WAITING))
+    session.commit()
+    return None if last is None else last + timedelta(seconds=stable_seconds)
+
+
 def queue_stable_studies(session: Session, stable_seconds: float,
                          now: datetime | None = None) -> list[int]:
     """Queue an analysis job for every study idle for ``stable_seconds``.
@@ -79,12 +97,7 @@ def queue_stable_studies(session: Session, stable_seconds: float,
     """
     now = now or utcnow()
     cutoff = now - timedelta(seconds=stable_seconds)
-    stmt = select(Study).where(
-        Study.instance_count > Study.analysed_instance_count,
-        Study.last_received_at <= cutoff,
-        Study.state.in_([StudyState.RECEIVING, StudyState.COMPLETE, StudyState.REJECTED,
-                         StudyState.FAILED]),
-    ).order_by(Study.last_received_at)
+    stmt = select(Study).where(*_WAITING, Study.last_received_at <= cutoff).order_by(Study.last_received_at)
     queued = []
     for study in session.scalars(_for_update(session, stmt)).all():
         transition(session, study, StudyState.QUEUED,

@@ -165,6 +165,9 @@ class NodeContext:
     sessions: sessionmaker[Session]
     owner: str
     predictor: Predictor | None = None
+    on_results: Callable[[], None] | None = None
+    """Called once a job's results are committed (the node sends them at once instead of at its
+    next outbox tick); an error it raises is logged, not the job's."""
 
 
 def _anonymization_salt(archive_root: Path) -> str:
@@ -234,6 +237,11 @@ def run_job(ctx: NodeContext, claimed: ClaimedJob) -> StudyState:
                 logger.warning("job %d: lease lost; results discarded", claimed.job_id)
                 return StudyState.ANALYSING
             state = _commit_results(ctx, claimed, version, objects, paths, rel_dir, summarise(analysis))
+        if state == StudyState.COMPLETE and ctx.on_results is not None:
+            try:
+                ctx.on_results()
+            except Exception:  # noqa: BLE001 - the results are committed; the outbox tick sends them
+                logger.exception("job %d: could not start the delivery at once", claimed.job_id)
         if state == StudyState.COMPLETE and s.analysis.anonymize:
             _archive(ctx, claimed.study_id, f"job {claimed.job_id}", selected, uid_map)
         return state

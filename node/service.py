@@ -12,14 +12,15 @@ from __future__ import annotations
 
 import logging
 import threading
+from datetime import datetime, timedelta
 
 from apscheduler.schedulers.background import BackgroundScheduler  # type: ignore[import-untyped]
 from sqlalchemy.orm import Session, sessionmaker
 
 from model import buffers
 from node.catalog import Catalog
-from node.db import make_engine, make_session_factory
-from node.jobs import claim_job, lease_owner, queue_stable_studies, release_orphaned_leases
+from node.db import make_engine, make_session_factory, utcnow
+from node.jobs import claim_job, lease_owner, next_stable_at, queue_stable_studies, release_orphaned_leases
 from node.migrate import upgrade
 from node.outbox import deliver_due
 from node.pipeline import NodeContext, Predictor, archive_pending, run_job
@@ -54,7 +55,7 @@ class Node:
                                   durable=settings.storage.fsync)
         self.sessions: sessionmaker[Session] = make_session_factory(self.engine)
         self.owner = lease_owner()
-        self.ctx = NodeContext(settings, self.sessions, self.owner, predictor)
+        self.ctx = NodeContext(settings, self.sessions, self.owner, predictor, on_results=self.deliver_soon)
         self.store = InstanceStore(settings.storage.root, min_free_mb=settings.storage.min_free_mb,
                                    fsync=settings.storage.fsync)
         self.catalog = Catalog(self.sessions)
@@ -66,21 +67,49 @@ class Node:
         self._work = work
         self._schedule = schedule
         self._stop = threading.Event()
+        self._jobs_ready = threading.Event()  # set when the completion tick queued a job
+        self._tick_lock = threading.Lock()
         self._workers: list[threading.Thread] = []
         self._scheduler: BackgroundScheduler | None = None
         self._web: WebServer | None = None
 
     # -- periodic work ---------------------------------------------------------
+    # The interval ticks are the fallback; hand-offs within the process do not wait for them:
+    # the completion tick also runs when the next waiting study becomes stable, a queued job
+    # wakes an idle worker, and committed results go to the outbox at once.
     def completion_tick(self) -> None:
-        with self.sessions() as session:
-            queued = queue_stable_studies(session, self.settings.completion.stable_seconds)
+        stable = self.settings.completion.stable_seconds
+        with self._tick_lock:  # the interval tick and the one set for the next stable study
+            with self.sessions() as session:
+                queued = queue_stable_studies(session, stable)
+                due = next_stable_at(session, stable)
         if queued:
             logger.info("queued analysis of studies %s", queued)
+            self._jobs_ready.set()
+        self._tick_at(due)
+
+    def _tick_at(self, due: datetime | None) -> None:
+        """Run the completion tick once more when the next waiting study becomes stable, if that
+        comes before the next interval tick."""
+        sched = self._scheduler
+        if due is None or sched is None:
+            return
+        now = utcnow()
+        if due >= now + timedelta(seconds=self.settings.completion.poll_seconds):
+            return
+        sched.add_job(self.completion_tick, "date", run_date=max(due, now) + timedelta(milliseconds=20),
+                      id="completion-due", replace_existing=True, misfire_grace_time=None)
 
     def outbox_tick(self) -> None:
         peers = {p.name: p for p in self.settings.peers}
         deliver_due(self.sessions, self.settings.storage.root, peers, self.settings.dicom,
                     self.settings.delivery, self.owner)
+
+    def deliver_soon(self) -> None:
+        """Run the outbox now (in the scheduler's threads), not at its next tick."""
+        if self._scheduler is not None and self.settings.delivery.destinations:
+            self._scheduler.add_job(self.outbox_tick, id="outbox-now", replace_existing=True,
+                                    misfire_grace_time=None)
 
     def work_once(self) -> bool:
         """Claim and run one job; ``False`` when the queue was empty."""
@@ -102,7 +131,8 @@ class Node:
     def _worker_loop(self) -> None:
         while not self._stop.is_set():
             if not self.work_once():
-                self._stop.wait(self.settings.worker.poll_seconds)
+                self._jobs_ready.wait(self.settings.worker.poll_seconds)
+                self._jobs_ready.clear()
 
     # -- lifecycle -------------------------------------------------------------
     def start(self) -> None:
@@ -140,6 +170,7 @@ class Node:
 
     def stop(self) -> None:
         self._stop.set()
+        self._jobs_ready.set()
         if self.scp is not None:
             self.scp.stop()
         if self.receivers is not None:

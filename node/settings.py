@@ -94,6 +94,8 @@ class CompletionSettings(_Section):
     stable_seconds: float = Field(10.0, ge=0)
     """A study is complete when no instance has arrived for this long."""
     poll_seconds: float = Field(1.0, gt=0)
+    """Interval of the stability check; a check that finds a study arriving also sets one for the
+    moment it turns stable."""
 
 
 class WorkerSettings(_Section):
@@ -102,6 +104,7 @@ class WorkerSettings(_Section):
     lease_seconds: float = Field(900.0, gt=0)
     """A claimed job whose worker stopped renewing it is re-claimed after this long."""
     poll_seconds: float = Field(1.0, gt=0)
+    """Queue poll of an idle worker; in ``serve`` a job queued by the same process wakes it at once."""
 
 
 class SelectionSettings(_Section):
@@ -158,6 +161,7 @@ class DeliverySettings(_Section):
     backoff_seconds: float = Field(5.0, gt=0)
     backoff_max_seconds: float = Field(900.0, gt=0)
     poll_seconds: float = Field(1.0, gt=0)
+    """Outbox interval (retries, other processes' results); ``serve`` sends its own results at once."""
     send_summary_image: bool = True
 
 

@@ -17,6 +17,7 @@ from node.jobs import (
     claim_job,
     finish_job_failed,
     lease_owner,
+    next_stable_at,
     queue_stable_studies,
     release_orphaned_leases,
     renew_lease,
@@ -52,6 +53,22 @@ def test_study_is_queued_only_after_stable_seconds(sessions: sessionmaker[Sessio
     # queued once only
     with sessions() as s:
         assert queue_stable_studies(s, 10, now=t0 + timedelta(seconds=60)) == []
+
+
+def test_next_stable_at_is_when_the_longest_waiting_study_becomes_stable(
+        sessions: sessionmaker[Session]) -> None:
+    t0 = utcnow()
+    with sessions() as s:
+        assert next_stable_at(s, 10) is None  # nothing waits
+    _receive(sessions, "1.2.7", 2, when=t0 + timedelta(seconds=3))
+    _receive(sessions, "1.2.8", 2, when=t0)
+    with sessions() as s:
+        assert next_stable_at(s, 10) == t0 + timedelta(seconds=10)
+    with sessions() as s:  # once 1.2.8 is queued, 1.2.7 is next; once both are, nothing waits
+        assert len(queue_stable_studies(s, 10, now=t0 + timedelta(seconds=10.01))) == 1
+        assert next_stable_at(s, 10) == t0 + timedelta(seconds=13)
+        assert len(queue_stable_studies(s, 10, now=t0 + timedelta(seconds=13.01))) == 1
+        assert next_stable_at(s, 10) is None
 
 
 def test_completion_is_computed_from_the_database_and_survives_restart(

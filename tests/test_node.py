@@ -237,3 +237,41 @@ def test_serve_with_receiver_processes_records_every_instance_and_stops_them(
         node.stop()
     assert not any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE
                    for p in pids)
+
+
+def test_hand_offs_do_not_wait_for_the_interval_ticks(
+        tmp_path: Path, db_url: str, make_settings: Callable[..., Settings]) -> None:
+    """With every interval at an hour, one completion tick while the study is still arriving
+    is enough: it sets a tick for when the study becomes stable, that tick wakes the idle
+    worker, and the committed results go to the destination at once."""
+    from tests.peers import StoreSCP
+
+    port = free_port()
+    with StoreSCP(tmp_path / "received", aet="RECEIVER") as receiver:
+        settings = make_settings(
+            db_url, port=port,
+            peers=[{"name": "receiver", "ae_title": "RECEIVER", "host": "127.0.0.1",
+                    "port": receiver.port},
+                   {"name": "ct", "ae_title": "STORESCU", "host": "127.0.0.1", "port": 104}],
+            completion={"stable_seconds": 8.0, "poll_seconds": 3600.0},
+            worker={"poll_seconds": 3600.0},
+            delivery={"destinations": ["receiver"], "poll_seconds": 3600.0},
+        )
+        node = Node(settings)
+        node.start()
+        try:
+            storescu([B40F], "127.0.0.1", port, "LUNGNODE")
+            node.completion_tick()  # what the interval tick does when it finds the study arriving
+            with node.sessions() as s:
+                study = s.scalars(select(Study)).one()
+                assert study.state == StudyState.RECEIVING  # not stable yet: 8 s
+            assert node._scheduler is not None and node._scheduler.get_job("completion-due") is not None
+            received = receiver.wait_for_files(3, timeout=180)
+            classes = {str(pydicom.dcmread(p, stop_before_pixels=True).SOPClassUID) for p in received}
+            assert classes == {SR_CLASS, SEG_CLASS, SC_CLASS}
+            with node.sessions() as s:
+                assert s.scalars(select(Study)).one().state == StudyState.COMPLETE
+                _wait(lambda: all(d.state == DeliveryState.SENT for d in s.scalars(select(Delivery))), 30,
+                      "deliveries marked sent")
+        finally:
+            node.stop()
