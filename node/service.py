@@ -23,7 +23,7 @@ from node.db import make_engine, make_session_factory, utcnow
 from node.jobs import claim_job, lease_owner, next_stable_at, queue_stable_studies, release_orphaned_leases
 from node.migrate import upgrade
 from node.outbox import deliver_due
-from node.pipeline import NodeContext, Predictor, archive_pending, run_job
+from node.pipeline import NodeContext, Predictor, archive_pending, run_job, warm_up
 from node.receivers import ReceiverPool, receiver_count
 from node.scp import StoreSCP
 from node.settings import Settings
@@ -128,6 +128,15 @@ class Node:
         except Exception:  # noqa: BLE001 - a catch-up must not take the node down; the next start retries
             logger.exception("archive catch-up failed")
 
+    def _warm_up(self) -> None:
+        try:
+            seconds = warm_up(self.ctx)
+        except Exception:  # noqa: BLE001 - only the first study's speed depends on it
+            logger.warning("warm-up analysis failed; the first study pays the start-up costs",
+                           exc_info=True)
+            return
+        logger.info("warm-up analysis done in %.1f s", seconds)
+
     def _worker_loop(self) -> None:
         while not self._stop.is_set():
             if not self.work_once():
@@ -156,6 +165,8 @@ class Node:
             self._scheduler = sched
         if self._work:
             threading.Thread(target=self._archive_pending, name="archive-catch-up", daemon=True).start()
+            if s.worker.warm_up and s.worker.count > 0:
+                threading.Thread(target=self._warm_up, name="warm-up", daemon=True).start()
             for i in range(s.worker.count):
                 t = threading.Thread(target=self._worker_loop, name=f"worker-{i}", daemon=True)
                 t.start()

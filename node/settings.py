@@ -105,6 +105,9 @@ class WorkerSettings(_Section):
     """A claimed job whose worker stopped renewing it is re-claimed after this long."""
     poll_seconds: float = Field(1.0, gt=0)
     """Queue poll of an idle worker; in ``serve`` a job queued by the same process wakes it at once."""
+    warm_up: bool = True
+    """At start, analyse a small synthetic study once (in the background, nothing recorded), so the
+    first real study does not pay the process's one-time costs (about 1 s)."""
 
 
 class SelectionSettings(_Section):

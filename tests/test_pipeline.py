@@ -192,3 +192,31 @@ def test_an_archive_left_out_by_a_stop_is_written_by_the_next_start(
         assert len(list(settings.archive_root.rglob("*.dcm"))) == 30
     finally:
         second.stop()
+
+
+def test_warm_up_analyses_a_synthetic_study_and_leaves_nothing(
+        tmp_path: Path, make_settings: Callable[..., Settings], caplog: pytest.LogCaptureFixture) -> None:
+    """`[worker] warm_up`: at start a worker analyses a small synthetic study once (the one-time
+    costs of a process's first analysis); no row, no file in storage, no temporary folder left."""
+    import logging
+    import tempfile
+
+    before = set(Path(tempfile.gettempdir()).glob("lungnode-warm-up-*"))
+    settings = make_settings(f"sqlite:///{tmp_path / 'db.sqlite'}", port=free_port(),
+                             worker={"warm_up": True})
+    caplog.set_level(logging.INFO, logger="node.service")
+    n = Node(settings)
+    n.start()
+    try:
+        deadline = time.monotonic() + 120
+        while "warm-up analysis done" not in caplog.text and time.monotonic() < deadline:
+            assert "warm-up analysis failed" not in caplog.text, caplog.text
+            time.sleep(0.2)
+        assert "warm-up analysis done" in caplog.text
+        with n.sessions() as s:
+            assert s.scalar(select(func.count()).select_from(Study)) == 0
+            assert s.scalar(select(func.count()).select_from(ResultObject)) == 0
+    finally:
+        n.stop()
+    assert not [p for p in settings.storage.root.rglob("*") if p.is_file()]
+    assert set(Path(tempfile.gettempdir()).glob("lungnode-warm-up-*")) == before
