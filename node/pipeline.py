@@ -119,9 +119,11 @@ def warm_up(ctx: NodeContext) -> float:
 
     The first analysis in a process pays one-time costs: torch picks and builds
     its CPU kernels, highdicom loads the standard's tables, and the NumPy,
-    OpenCV and SciPy code paths run for the first time (on the build machine a
-    fresh process took 3.7-3.8 s for a 300-slice study, 2.7-3.0 s after this
-    warm-up, 2.2-2.3 s from the second study on).  The warm-up study (60
+    OpenCV and SciPy code paths run for the first time.  On the build machine,
+    analysing and reporting a 300-slice study took a fresh process 3.7-3.8 s,
+    2.7-3.0 s after this warm-up and 2.2-2.3 s from the second study on (the
+    rest of the first study's extra is fresh memory for its full-size arrays,
+    which the warm-up's small arrays do not touch).  The warm-up study (60
     slices of 128x128 from :mod:`training.synth`, 2 MB) and its results are
     written to a temporary folder of the system's and removed; nothing is
     recorded in the database.

@@ -107,7 +107,7 @@ class WorkerSettings(_Section):
     """Queue poll of an idle worker; in ``serve`` a job queued by the same process wakes it at once."""
     warm_up: bool = True
     """At start, analyse a small synthetic study once (in the background, nothing recorded), so the
-    first real study does not pay the process's one-time costs (about 1 s)."""
+    first real study pays fewer of the process's one-time costs."""
 
 
 class SelectionSettings(_Section):
