@@ -7,6 +7,7 @@ database, and the study must end analysed exactly once and delivered once.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -55,7 +56,10 @@ class ServeProcess:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, port: int) -> None:
+        """Start serve; return once it answers an association and has logged that it is ready
+        (a receiver may answer while the other is still starting)."""
         env = dict(os.environ, PYTHONUNBUFFERED="1")
+        offset = self.log.stat().st_size if self.log.exists() else 0
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "node.cli", "serve", "--config", str(self.config)],
             cwd=REPO, env=env, stdout=self.log.open("ab"), stderr=subprocess.STDOUT)
@@ -67,10 +71,12 @@ class ServeProcess:
             if self.proc.poll() is not None:
                 raise AssertionError(f"serve exited: {self.log.read_text()[-3000:]}")
             assoc = ae.associate("127.0.0.1", port, ae_title="LUNGNODE")
-            if assoc.is_established:
-                assoc.release()
-                return True
-            return False
+            if not assoc.is_established:
+                return False
+            assoc.release()
+            with self.log.open("rb") as f:
+                f.seek(offset)
+                return re.search(rb"node\.service: node \S+ ready \(", f.read()) is not None
 
         _wait(up, 60, "the node to listen")
 
