@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import secrets
+import shutil
 import tempfile
 import threading
 import time
@@ -19,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pydicom
 from pydicom.dataset import Dataset
 from sqlalchemy import select
@@ -114,6 +117,17 @@ def analyse(selected: SelectedSeries, settings: AnalysisSettings,
     return Analysis(selected, volume, masks, quant, prediction, headers, timings)
 
 
+_WARM_UP_PREFIX = "lungnode-warm-up-"
+
+
+def _remove_stale_warm_ups() -> None:
+    """Remove the warm-up folders of processes that ended without removing theirs (killed)."""
+    for folder in Path(tempfile.gettempdir()).glob(f"{_WARM_UP_PREFIX}*-*"):
+        pid = folder.name[len(_WARM_UP_PREFIX):].split("-", 1)[0]
+        if pid.isdigit() and not psutil.pid_exists(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
 def warm_up(ctx: NodeContext) -> float:
     """Analyse a small synthetic study once, before the first real one; the seconds it took.
 
@@ -131,7 +145,8 @@ def warm_up(ctx: NodeContext) -> float:
     from training.synth import SynthSpec, write_study
 
     t0 = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="lungnode-warm-up-") as tmp:
+    _remove_stale_warm_ups()
+    with tempfile.TemporaryDirectory(prefix=f"{_WARM_UP_PREFIX}{os.getpid()}-") as tmp:
         study = write_study(Path(tmp) / "study", SynthSpec(seed=1, involvement=0.1, rows=128, slices=60,
                                                            slice_thickness_mm=5.0))
         paths = tuple(sorted(study.dicom_dir.glob("*.dcm")))

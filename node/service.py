@@ -70,6 +70,7 @@ class Node:
         self._jobs_ready = threading.Event()  # set when the completion tick queued a job
         self._tick_lock = threading.Lock()
         self._workers: list[threading.Thread] = []
+        self._warm_up_thread: threading.Thread | None = None
         self._scheduler: BackgroundScheduler | None = None
         self._web: WebServer | None = None
 
@@ -166,7 +167,8 @@ class Node:
         if self._work:
             threading.Thread(target=self._archive_pending, name="archive-catch-up", daemon=True).start()
             if s.worker.warm_up and s.worker.count > 0:
-                threading.Thread(target=self._warm_up, name="warm-up", daemon=True).start()
+                self._warm_up_thread = threading.Thread(target=self._warm_up, name="warm-up", daemon=True)
+                self._warm_up_thread.start()
             for i in range(s.worker.count):
                 t = threading.Thread(target=self._worker_loop, name=f"worker-{i}", daemon=True)
                 t.start()
@@ -190,6 +192,8 @@ class Node:
             self._scheduler.shutdown(wait=True)
         for t in self._workers:
             t.join(timeout=60)
+        if self._warm_up_thread is not None:  # a second or two: its temporary folder is removed
+            self._warm_up_thread.join(timeout=60)
         if self._web is not None:
             self._web.stop()
         self.engine.dispose()

@@ -3,6 +3,7 @@ nothing received is lost, and no result is sent."""
 
 from __future__ import annotations
 
+import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -197,11 +198,14 @@ def test_an_archive_left_out_by_a_stop_is_written_by_the_next_start(
 def test_warm_up_analyses_a_synthetic_study_and_leaves_nothing(
         tmp_path: Path, make_settings: Callable[..., Settings], caplog: pytest.LogCaptureFixture) -> None:
     """`[worker] warm_up`: at start a worker analyses a small synthetic study once (the one-time
-    costs of a process's first analysis); no row, no file in storage, no temporary folder left."""
+    costs of a process's first analysis); no row, no file in storage, no temporary folder left,
+    and the folder of a warm-up whose process was killed is removed."""
     import logging
     import tempfile
 
-    before = set(Path(tempfile.gettempdir()).glob("lungnode-warm-up-*"))
+    stale = Path(tempfile.mkdtemp(prefix=f"lungnode-warm-up-{_dead_pid()}-"))  # its process ended
+    (stale / "left-over.dcm").write_bytes(b"x")  # a warm-up killed half-way
+    before = set(Path(tempfile.gettempdir()).glob("lungnode-warm-up-*")) - {stale}
     settings = make_settings(f"sqlite:///{tmp_path / 'db.sqlite'}", port=free_port(),
                              worker={"warm_up": True})
     caplog.set_level(logging.INFO, logger="node.service")
@@ -219,4 +223,10 @@ def test_warm_up_analyses_a_synthetic_study_and_leaves_nothing(
     finally:
         n.stop()
     assert not [p for p in settings.storage.root.rglob("*") if p.is_file()]
-    assert set(Path(tempfile.gettempdir()).glob("lungnode-warm-up-*")) == before
+    assert set(Path(tempfile.gettempdir()).glob("lungnode-warm-up-*")) == before  # the stale one too
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid
