@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import gc
 import logging
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -472,13 +474,36 @@ def load_series_with_headers(paths: Sequence[Path]) -> tuple[CTVolume, tuple[Dat
     # the datasets are a few hundred thousand small objects: the cyclic collector would pass over
     # them again and again while they are made (a quarter of the load time in a node worker);
     # reference counting frees them as usual, and any cycle is collected once it is back on
-    collecting = gc.isenabled()
-    gc.disable()
-    try:
+    with collection_paused():
         return _load(files)
+
+
+_gc_lock = threading.Lock()
+_gc_pausers = 0
+_gc_resume = False
+
+
+@contextmanager
+def collection_paused() -> Iterator[None]:
+    """No cyclic garbage collection inside the block, nor until the last overlapping block ends.
+
+    Loads in several threads (workers, the start-up warm-up) overlap: the
+    collector is switched off by the first and back on by the last to end, and
+    only if it was on before the first.
+    """
+    global _gc_pausers, _gc_resume
+    with _gc_lock:
+        if _gc_pausers == 0:
+            _gc_resume = gc.isenabled()
+            gc.disable()
+        _gc_pausers += 1
+    try:
+        yield
     finally:
-        if collecting:
-            gc.enable()
+        with _gc_lock:
+            _gc_pausers -= 1
+            if _gc_pausers == 0 and _gc_resume:
+                gc.enable()
 
 
 def _load(files: list[Path]) -> tuple[CTVolume, tuple[Dataset, ...]]:

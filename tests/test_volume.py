@@ -198,3 +198,28 @@ def test_missing_geometry_names_the_attribute(tmp_path: Path) -> None:
     paths = _series(tmp_path, "nogeo", edit=lambda i, ds: delattr(ds, "PixelSpacing"), count=2)
     with pytest.raises(VolumeError, match="PixelSpacing"):
         load_series(paths)
+
+
+def test_collection_stays_paused_until_the_last_overlapping_load_ends() -> None:
+    """Two loads overlap (two workers, or the warm-up beside the first job): the garbage collector
+    comes back on when the last ends, and only if it was on before the first began."""
+    import gc
+
+    from model.volume import collection_paused
+
+    assert gc.isenabled()
+    first, second = collection_paused(), collection_paused()
+    first.__enter__()
+    assert not gc.isenabled()
+    second.__enter__()
+    first.__exit__(None, None, None)
+    assert not gc.isenabled()  # the second load is still running
+    second.__exit__(None, None, None)
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        with collection_paused():
+            pass
+        assert not gc.isenabled()  # it was off before: it stays off
+    finally:
+        gc.enable()
