@@ -54,9 +54,8 @@ def child(dicom_dir: str, out_dir: str, with_cnn: bool, repeat: int) -> None:
     """
     import pydicom
 
-    from node.pipeline import ALGORITHM_NAME, ALGORITHM_VERSION, analyse, write_results
+    from node.pipeline import analyse, report, write_results
     from node.records import SelectedSeries
-    from node.reports import ReportContext, build_reports
     from node.settings import AnalysisSettings, ModelSettings
 
     paths = tuple(sorted(Path(dicom_dir).glob("*.dcm")))
@@ -84,10 +83,7 @@ def child(dicom_dir: str, out_dir: str, with_cnn: bool, repeat: int) -> None:
         analysis = analyse(selected, AnalysisSettings(), predictor)
         timings = dict(analysis.timings)
         t = time.perf_counter()
-        objects = build_reports(ReportContext(
-            volume=analysis.volume, masks=analysis.masks, quantification=analysis.quantification,
-            prediction=analysis.prediction, algorithm_name=ALGORITHM_NAME,
-            algorithm_version=ALGORITHM_VERSION), analysis.source_headers)
+        objects = report(analysis)
         timings["reports"] = time.perf_counter() - t
         t = time.perf_counter()
         write_results(objects, Path(out_dir) / f"run{run}")

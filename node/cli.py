@@ -322,15 +322,7 @@ def _folder_study(folder: Path) -> StoredStudy:
 def analyze(dicom_dir: Path, out: Annotated[Path, typer.Option("--out", help="output folder")]) -> None:
     """Run the pipeline offline on a folder; write SR/SEG/summary to OUT; print JSON."""
     from model.errors import AnalysisError
-    from node.pipeline import (
-        ALGORITHM_NAME,
-        ALGORITHM_VERSION,
-        analyse,
-        selection_rules,
-        summarise,
-        write_results,
-    )
-    from node.reports import ReportContext, build_reports
+    from node.pipeline import analyse, report, selection_rules, summarise, write_results
     from node.selection import select_series
 
     s = _settings()
@@ -338,11 +330,7 @@ def analyze(dicom_dir: Path, out: Annotated[Path, typer.Option("--out", help="ou
         stored = _folder_study(dicom_dir)
         selected = select_series(stored, selection_rules(s.selection))
         analysis = analyse(selected, s.analysis, _load_predictor(s))
-        objects = build_reports(ReportContext(
-            volume=analysis.volume, masks=analysis.masks, quantification=analysis.quantification,
-            prediction=analysis.prediction, algorithm_name=ALGORITHM_NAME,
-            algorithm_version=ALGORITHM_VERSION), analysis.source_headers)
-        paths = write_results(objects, out)
+        paths = write_results(report(analysis), out)
     except (LungnodeError, AnalysisError) as exc:
         err_console.print(f"[red]{type(exc).__name__}: {exc}[/red]")
         raise typer.Exit(1) from exc

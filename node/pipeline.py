@@ -61,6 +61,7 @@ __all__ = [
     "NodeContext",
     "Predictor",
     "analyse",
+    "report",
     "run_job",
     "selection_rules",
     "summarise",
@@ -117,6 +118,14 @@ def analyse(selected: SelectedSeries, settings: AnalysisSettings,
     return Analysis(selected, volume, masks, quant, prediction, headers, timings)
 
 
+def report(analysis: Analysis, *, version: int = 1, predecessor_sr: Dataset | None = None) -> ResultObjects:
+    """The SR, SEG and summary image of an analysis, as this algorithm (name and version) makes them."""
+    return build_reports(ReportContext(
+        volume=analysis.volume, masks=analysis.masks, quantification=analysis.quantification,
+        prediction=analysis.prediction, algorithm_name=ALGORITHM_NAME, algorithm_version=ALGORITHM_VERSION,
+        version=version, predecessor_sr=predecessor_sr), analysis.source_headers)
+
+
 _WARM_UP_PREFIX = "lungnode-warm-up-"
 
 
@@ -153,11 +162,7 @@ def warm_up(ctx: NodeContext) -> float:
         first = pydicom.dcmread(paths[0], stop_before_pixels=True)
         selected = SelectedSeries(str(first.StudyInstanceUID), str(first.SeriesInstanceUID), paths, "warm-up")
         analysis = analyse(selected, ctx.settings.analysis, ctx.predictor)
-        objects = build_reports(ReportContext(
-            volume=analysis.volume, masks=analysis.masks, quantification=analysis.quantification,
-            prediction=analysis.prediction, algorithm_name=ALGORITHM_NAME,
-            algorithm_version=ALGORITHM_VERSION), analysis.source_headers)
-        write_results(objects, Path(tmp) / "results")
+        write_results(report(analysis), Path(tmp) / "results")
     return time.perf_counter() - t0
 
 
@@ -273,12 +278,7 @@ def run_job(ctx: NodeContext, claimed: ClaimedJob) -> StudyState:
             analysis = analyse(selected, s.analysis, ctx.predictor)
             predecessor = (pydicom.dcmread(previous_sr_path, stop_before_pixels=True)
                            if previous_sr_path and previous_sr_path.exists() else None)
-            objects = build_reports(ReportContext(
-                volume=analysis.volume, masks=analysis.masks,
-                quantification=analysis.quantification, prediction=analysis.prediction,
-                algorithm_name=ALGORITHM_NAME, algorithm_version=ALGORITHM_VERSION,
-                version=version, predecessor_sr=predecessor,
-            ), analysis.source_headers)
+            objects = report(analysis, version=version, predecessor_sr=predecessor)
             rel_dir = f"results/{claimed.study_instance_uid}/v{version}-job{claimed.job_id}"
             paths = write_results(objects, s.storage.root / rel_dir)
             if heartbeat.lost.is_set():
