@@ -16,6 +16,7 @@ import socket
 import ssl
 import struct
 import time
+from collections import deque
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -182,6 +183,32 @@ def _sendmsg_all(sock: socket.socket, buffers: list[memoryview]) -> None:
                 sent = 0
 
 
+def _can_pause_reactor(assoc: Association) -> bool:
+    """Whether the pynetdicom and threading internals :func:`_pause_reactor` uses are there."""
+    checkpoint = getattr(assoc, "_reactor_checkpoint", None)
+    return (hasattr(assoc, "_is_paused")
+            and isinstance(getattr(getattr(checkpoint, "_cond", None), "_waiters", None), deque))
+
+
+def _pause_reactor(assoc: Association) -> None:
+    """Keep the association's reactor thread from taking DIMSE messages off the queue, for certain.
+
+    pynetdicom pauses it (``send_c_store``, ``release``) by clearing its checkpoint
+    and waiting for its ``_is_paused`` flag; but the reactor sets that flag before
+    it waits on the checkpoint and clears it only after the wait returns, so a
+    reactor descheduled just after an earlier wait still reads as paused.  It then
+    takes the C-STORE response off the queue ("Received unexpected C-STORE
+    service message") and the sender waits for the DIMSE timeout.  Here the pause
+    ends only once the reactor is blocked on the checkpoint (the only thread that
+    waits on it), or has ended.  ``release`` and ``kill`` set the checkpoint again.
+    """
+    checkpoint = assoc._reactor_checkpoint
+    checkpoint.clear()
+    waiters = checkpoint._cond._waiters  # type: ignore[attr-defined]
+    while not waiters and assoc.is_alive():
+        time.sleep(0.0001)
+
+
 class _DirectStore:
     """C-STORE requests written straight to the association's socket.
 
@@ -215,14 +242,11 @@ class _DirectStore:
         wrapper = getattr(assoc.dul, "socket", None)
         raw = getattr(wrapper, "socket", None)
         return (isinstance(raw, socket.socket) and not isinstance(raw, ssl.SSLSocket)
-                and hasattr(assoc, "_reactor_checkpoint") and hasattr(assoc, "_is_paused"))
+                and _can_pause_reactor(assoc))
 
     def __enter__(self) -> _DirectStore:
-        self.assoc._reactor_checkpoint.clear()
         self._paused = True
-        # the reactor notices within its 1 ms loop; send_c_store waits the same way
-        while not self.assoc._is_paused and self.assoc.is_established:
-            time.sleep(0.0001)
+        _pause_reactor(self.assoc)
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
@@ -290,7 +314,14 @@ class _DirectStore:
 
 
 def _pynetdicom_store(assoc: Association, path: Path, message_id: int) -> tuple[int | None, str]:
-    """pynetdicom's own C-STORE of a file (decodes and re-encodes it)."""
+    """pynetdicom's own C-STORE of a file (decodes and re-encodes it).
+
+    The reactor is paused first as :func:`_pause_reactor` does it (``send_c_store``'s
+    own pause can leave it running); ``send_c_store`` lets it run again once the
+    response is in.
+    """
+    if _can_pause_reactor(assoc):
+        _pause_reactor(assoc)
     try:
         status = assoc.send_c_store(path, msg_id=message_id)
     except (ValueError, AttributeError) as exc:
