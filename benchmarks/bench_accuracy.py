@@ -15,7 +15,10 @@ series) is analysed one series at a time: lung volumes and PO of both kernels
 side by side, the relative volume difference and the PO difference (floors:
 5 % and 2 points).
 
-    .venv/bin/python benchmarks/bench_accuracy.py [--rows 256] [--seeds 20] [--jobs 2]
+The seed set runs twice by default: without and with intravenous contrast
+(the same patients; ``--contrast no`` or ``yes`` runs one of them).
+
+    .venv/bin/python benchmarks/bench_accuracy.py [--rows 256] [--seeds 20] [--jobs 2] [--contrast both]
 
 ``--rows 512`` runs the synthetic studies at full matrix (slower).
 """
@@ -45,14 +48,17 @@ class Case:
     thickness_mm: float
     kernel: str
     rows: int
+    contrast: bool = False
 
 
-def seed_set(n: int, rows: int) -> list[Case]:
-    """``n`` cases: involvement evenly over 0-80 %, slice thickness cycling 1-5 mm, kernels alternating."""
+def seed_set(n: int, rows: int, contrast: bool = False) -> list[Case]:
+    """``n`` cases: involvement evenly over 0-80 %, slice thickness cycling 1-5 mm, kernels alternating
+    (``contrast``: the same patients scanned after intravenous contrast)."""
     thicknesses = (1.0, 2.5, 5.0, 1.5, 3.0)
     kernels = ("B40f", "B70f")
     return [Case(seed=100 + i, involvement=round(0.8 * i / max(n - 1, 1), 3),
-                 thickness_mm=thicknesses[i % len(thicknesses)], kernel=kernels[(i // 2) % 2], rows=rows)
+                 thickness_mm=thicknesses[i % len(thicknesses)], kernel=kernels[(i // 2) % 2], rows=rows,
+                 contrast=contrast)
             for i in range(n)]
 
 
@@ -85,7 +91,8 @@ def run_case(case: Case) -> dict[str, float | str]:
     from training import SynthSpec, make_phantom
 
     ph = make_phantom(SynthSpec(seed=case.seed, involvement=case.involvement, kernel=case.kernel,
-                                rows=case.rows, slice_thickness_mm=case.thickness_mm))
+                                rows=case.rows, slice_thickness_mm=case.thickness_mm,
+                                contrast=case.contrast))
     volume = CTVolume(hu=ph.hu, spacing=ph.spacing, origin=ph.origin, direction=np.eye(3),
                       series_instance_uid="2.25.1", sop_instance_uids=tuple(f"2.25.1.{i}" for i in
                                                                              range(len(ph.hu))),
@@ -149,15 +156,28 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--no-real", action="store_true")
     ap.add_argument("--only", help="comma-separated seeds of the set to run (a quick look)")
+    ap.add_argument("--contrast", choices=("no", "yes", "both"), default="both",
+                    help="the seed set without, with, or without and with intravenous contrast")
     args = ap.parse_args()
-    cases = seed_set(args.seeds, args.rows)
-    if args.only:
-        keep = {int(v) for v in args.only.split(",")}
-        cases = [c for c in cases if c.seed in keep]
+    for contrast in {"no": (False,), "yes": (True,), "both": (False, True)}[args.contrast]:
+        cases = seed_set(args.seeds, args.rows, contrast)
+        if args.only:
+            keep = {int(v) for v in args.only.split(",")}
+            cases = [c for c in cases if c.seed in keep]
+        print(f"\n{'with' if contrast else 'without'} intravenous contrast:")
+        run_set(cases, args.rows, args.jobs)
+    if not args.no_real:
+        print("\nreal study, tests/data/ct (one patient, two kernels):")
+        for line in real_study():
+            print(line)
+
+
+def run_set(cases: list[Case], rows_px: int, jobs: int) -> None:
+    """Run the cases and print their rows and the summary against the floors."""
     print(f"{'seed':>4} {'inv':>5} {'mm':>4} {'kernel':>6} {'slices':>6} {'Dice L':>7} {'Dice R':>7} "
           f"{'PO true':>7} {'PO':>6} {'err':>6} {'PHO true':>8} {'PHO':>6} {'cat':>9} {'s':>5} "
           f"{'missed %':>8} {'post. %':>7}")
-    with ProcessPoolExecutor(max_workers=args.jobs) as pool:
+    with ProcessPoolExecutor(max_workers=jobs) as pool:
         rows = list(pool.map(run_case, cases))
     for r in rows:
         err = float(r["po"]) - float(r["true_po"])
@@ -170,14 +190,10 @@ def main() -> None:
     errs = np.array([abs(float(r["po"]) - float(r["true_po"])) for r in rows])
     cats = float(np.mean([r["cat"] == r["true_cat"] for r in rows]))
     ok = dmin >= DICE_FLOOR and errs.max() <= PO_ERROR_CEILING and cats >= CATEGORY_FLOOR
-    print(f"\n{len(rows)} studies, {args.rows}x{args.rows}: lowest Dice per lung {dmin:.3f} "
+    print(f"\n{len(rows)} studies, {rows_px}x{rows_px}: lowest Dice per lung {dmin:.3f} "
           f"(floor {DICE_FLOOR}); |PO error| max {errs.max():.2f}, mean {errs.mean():.2f} points "
           f"(ceiling {PO_ERROR_CEILING:g}); category right {100 * cats:.0f} % "
           f"(floor {100 * CATEGORY_FLOOR:.0f} %)  {'OK' if ok else 'FAIL'}")
-    if not args.no_real:
-        print("\nreal study, tests/data/ct (one patient, two kernels):")
-        for line in real_study():
-            print(line)
 
 
 if __name__ == "__main__":

@@ -231,7 +231,9 @@ def _opacity(hu: np.ndarray, lung: np.ndarray, thresholds: OpacityThresholds, pa
     dense = lung & (light >= thresholds.opacity_low)
     thin = dense & ~morph.opening(dense, _disk(rim_mm / pixel_mm))
     vessel_zone = morph.dilate((bright & ~blobs) | thin, _disk(1.0)) & lung
-    in_range = vessel_zone & (light >= thresholds.opacity_low) & (light <= thresholds.high_opacity_high)
+    # a vessel filled with contrast reads above high_opacity_high; inside ground glass it is involved
+    # lung all the same (as an unenhanced one is)
+    in_range = vessel_zone & (light >= thresholds.opacity_low)
     del light, bright, blobs, dense, thin
     support = lung & ~vessel_zone
     smooth = _smooth_in_lung(hu, support, sigma)
@@ -312,8 +314,9 @@ def quantify(volume: CTVolume, masks: LungMasks, thresholds: OpacityThresholds =
       least 1.5 mm: thick slices smear oblique vessels into faint bands) are
       partial volume of vessels, fissures and pleura.  Both, with a one-voxel
       halo, are not opacity, unless their surrounding ring is mostly opacity
-      (``ring_fraction``): a vessel inside ground glass is involved lung.
-      Bright regions wider than the disk (consolidation, a tumour) stay;
+      (``ring_fraction``): a vessel inside ground glass is involved lung,
+      whether or not it is filled with contrast.  Bright regions wider than
+      the disk (consolidation, a tumour) stay;
     - ground glass: voxels in ``[opacity_low, opacity_high]`` outside the
       vessel zone, less specks under ``min_opacity_mm3``;
     - PO counts ground glass and consolidation (``(opacity_high,

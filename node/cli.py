@@ -348,6 +348,7 @@ def synth(
     thickness: Annotated[float, typer.Option(help="slice thickness and interval, mm")] = 2.5,
     rows: Annotated[int, typer.Option(help="image size (rows = columns)")] = 512,
     kernel: str = "B40f",
+    contrast: Annotated[bool, typer.Option(help="scanned after intravenous contrast")] = False,
 ) -> None:
     """Write a synthetic chest CT study with known ground truth."""
     from training.synth import SynthSpec, write_study
@@ -356,7 +357,8 @@ def synth(
         err_console.print("[red]--involvement is a fraction between 0 and 1[/red]")
         raise typer.Exit(2)
     study = write_study(directory, SynthSpec(involvement=involvement, seed=seed, slices=slices,
-                                             slice_thickness_mm=thickness, rows=rows, kernel=kernel))
+                                             slice_thickness_mm=thickness, rows=rows, kernel=kernel,
+                                             contrast=contrast))
     print(json.dumps({"dicom_dir": str(study.dicom_dir), "files": len(study.paths),
                       "study_instance_uid": study.study_instance_uid,
                       "series_instance_uid": study.series_instance_uid,

@@ -92,6 +92,9 @@ def test_synth_writes_a_study_with_truth(tmp_path: Path) -> None:
     assert info["files"] == 24
     truth = json.loads(Path(info["truth"]).read_text())
     assert truth["study_instance_uid"] == info["study_instance_uid"]
+    assert truth["spec"]["contrast"] is False
+    res = run_cli("synth", str(tmp_path / "c"), "--rows", "64", "--slices", "4", "--contrast")
+    assert json.loads(Path(json.loads(res.stdout)["truth"]).read_text())["spec"]["contrast"] is True
     res = run_cli("synth", str(tmp_path / "t"), "--involvement", "3", check=False)
     assert res.returncode == 2
 

@@ -204,6 +204,55 @@ def test_synthetic_lungs_and_involvement(seed: int, involvement: float, kernel: 
     assert q.severity_category == category_for(truth)
 
 
+@pytest.mark.parametrize(("seed", "involvement", "kernel", "thickness"), [
+    (41, 0.05, "B40f", 5.0),
+    (104, 0.17, "B70f", 3.0),
+])
+def test_contrast_enhanced_lungs_and_involvement(seed: int, involvement: float, kernel: str,
+                                                 thickness: float) -> None:
+    """With intravenous contrast the blood pool reads as dense as the ribs' marrow (150-320 HU) and the
+    pulmonary vessels above the opacity range; the lungs and the involvement measure as without."""
+    ph = make_phantom(SynthSpec(seed=seed, involvement=involvement, kernel=kernel, rows=ROWS,
+                                slice_thickness_mm=thickness, contrast=True))
+    volume = _volume_of(ph)
+    masks = segment_lungs(volume)
+    assert _dice(masks.left, ph.left_lung) >= 0.97
+    assert _dice(masks.right, ph.right_lung) >= 0.97
+    q = quantify(volume, masks)
+    truth = _truth_po(ph)
+    assert abs(q.total.percent_opacity - truth) <= 3.0
+    assert q.severity_category == category_for(truth)
+
+
+def _vessels_in_ground_glass(vessel_hu: float) -> Quantification:
+    """A slab of lung, ground glass on its left half, crossed by straight vessels of ``vessel_hu``."""
+    rng = np.random.default_rng(3)
+    hu = np.full((40, 96, 96), 40.0, np.float32)
+    lung = np.zeros(hu.shape, bool)
+    lung[:, 8:88, 8:88] = True
+    hu[lung] = -850.0
+    hu[:, 8:88, 8:48] = -550.0
+    yy, xx = np.mgrid[:96, :96]
+    for cy in (20, 36, 52, 68):
+        for cx in (20, 36, 60, 76):
+            hu[:, (yy - cy) ** 2 + (xx - cx) ** 2 <= 4] = vessel_hu  # 2.5 mm radius, along z
+    hu += rng.normal(0.0, 8.0, hu.shape).astype(np.float32)
+    volume = CTVolume(hu=np.rint(hu).astype(np.int16), spacing=(2.5, 1.25, 1.25), origin=(0.0, 0.0, 0.0),
+                      direction=np.eye(3), series_instance_uid="2.25.9",
+                      sop_instance_uids=tuple(f"2.25.9.{i}" for i in range(40)), slice_thickness=2.5)
+    left = lung.copy()
+    left[:, :, :48] = False
+    return quantify(volume, LungMasks(left=left, right=lung & ~left))
+
+
+def test_a_vessel_inside_ground_glass_counts_with_or_without_contrast() -> None:
+    plain, enhanced = _vessels_in_ground_glass(40.0), _vessels_in_ground_glass(250.0)
+    # the right lung (columns 8-47) is all ground glass, vessels included; the left one has none
+    assert plain.right.percent_opacity > 97.0
+    assert abs(enhanced.right.percent_opacity - plain.right.percent_opacity) < 1.0
+    assert plain.left.percent_opacity < 1.0 and enhanced.left.percent_opacity < 1.0
+
+
 def test_moderate_involvement_reads_low_but_keeps_its_category() -> None:
     """Known limit: consolidation against the mediastinum and in the gutters is left out.
 

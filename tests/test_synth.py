@@ -6,6 +6,7 @@ import hashlib
 import json
 import shutil
 import subprocess
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -129,6 +130,26 @@ def test_hu_of_the_structures(healthy: Phantom, diseased: Phantom) -> None:
     assert -80 < np.median(d.hu[d.consolidation]) < 40
 
 
+def test_contrast_enhances_blood_and_organs_of_the_same_patient() -> None:
+    spec = SynthSpec(seed=7, involvement=0.35, rows=ROWS, slice_thickness_mm=5.0)
+    plain, enhanced = make_phantom(spec), make_phantom(replace(spec, contrast=True))
+    for name in ("left_lung", "right_lung", "ground_glass", "consolidation"):
+        assert np.array_equal(getattr(plain, name), getattr(enhanced, name)), name  # same patient, same masks
+    lungs = _lungs(plain)
+    # aerated lung, fat and bone do not change; soft tissue of about 40 HU becomes blood of 150+ HU
+    healthy_lung = lungs & ~plain.ground_glass & ~plain.consolidation & (plain.hu < -600)
+    assert abs(float(np.median(enhanced.hu[healthy_lung])) - float(np.median(plain.hu[healthy_lung]))) < 5
+    soft = (plain.hu > 25) & (plain.hu < 60) & ~lungs
+    rise = enhanced.hu[soft].astype(np.int32) - plain.hu[soft]
+    assert (rise > 90).mean() > 0.05  # heart chambers, great vessels
+    assert np.median(enhanced.hu[lungs & (enhanced.hu > 100)]) > 140  # pulmonary vessels
+    cons = plain.consolidation
+    gain = float(np.median(enhanced.hu[cons])) - float(np.median(plain.hu[cons]))
+    assert 10 < gain < 45  # consolidation enhances a little
+    fat = (plain.hu > -120) & (plain.hu < -80) & ~lungs
+    assert np.median(np.abs(enhanced.hu[fat].astype(np.int32) - plain.hu[fat])) < 3
+
+
 def test_table_lies_under_the_body(healthy: Phantom) -> None:
     h = healthy.hu
     mid = h[h.shape[0] // 2]
@@ -241,6 +262,21 @@ def test_dciodvfy_finds_no_errors(study) -> None:  # type: ignore[no-untyped-def
         report = run.stdout + run.stderr
         assert "CTImage" in report
         assert not [line for line in report.splitlines() if line.startswith("Error")], report
+
+
+def test_a_contrast_series_says_so_in_its_header(tmp_path: Path) -> None:
+    study = write_study(tmp_path / "c", SynthSpec(seed=5, rows=64, slices=4, contrast=True))
+    ds = pydicom.dcmread(study.paths[0])
+    assert ds.ContrastBolusAgent and ds.ContrastBolusRoute == "IV"
+    assert "C+" in ds.SeriesDescription
+    assert study.truth["spec"]["contrast"] is True
+    plain = write_study(tmp_path / "p", SynthSpec(seed=5, rows=64, slices=4))
+    assert "ContrastBolusAgent" not in pydicom.dcmread(plain.paths[0])
+    tool = shutil.which("dciodvfy")
+    assert tool, "dicom3tools dciodvfy is needed (apt-get install dicom3tools)"
+    run = subprocess.run([tool, "-new", str(study.paths[0])], capture_output=True, text=True, timeout=60)
+    report = run.stdout + run.stderr
+    assert not [line for line in report.splitlines() if line.startswith("Error")], report
 
 
 def test_writing_is_deterministic_and_overwrites(tmp_path: Path) -> None:

@@ -30,15 +30,22 @@ function and Gaussian noise is added: a smooth kernel (``B40f``, ``STANDARD``)
 gives correlated noise of 10-30 HU SD; a sharp kernel (``B70f``, ``LUNG``) a
 sharper image with edge overshoot and 2.5 times the noise.
 
+``contrast=True`` gives the same patient scanned after intravenous contrast:
+blood in the heart chambers, the great vessels and the pulmonary vessel trees
+at 150-320 HU, the heart wall at 90-130, liver and spleen at 90-135, muscle
+5-15 HU and consolidation 15-40 HU denser (levels seeded); the oesophagus,
+fat, bone and aerated lung do not change, and neither do the masks.
+
 What the seed varies
 --------------------
 Body size and shape, fat and muscle thickness, lung height, cavity outline
 (low-order harmonic wobble), apex and diaphragm heights (left/right),
 mediastinal width and shift, heart size and position (so the left lung is
 smaller), spine and rib spacing, carina height, the vessel trees, tissue HU
-levels, parenchymal density and gradient, noise level, the disease pattern and
-its weighting, which end partial coverage cuts, the fake patient identity and
-dates, the field-of-view placement and the table position.  Anatomy and disease
+levels (and, with contrast, the enhancement), parenchymal density and
+gradient, noise level, the disease pattern and its weighting, which end
+partial coverage cuts, the fake patient identity and dates, the field-of-view
+placement and the table position.  Anatomy and disease
 depend on the seed only (not on the grid), so studies of one seed at several
 resolutions or kernels show the same patient, and a higher ``involvement``
 grows the same lesions.  UIDs are derived from the whole specification, so the
@@ -98,6 +105,8 @@ class SynthSpec:
     pixel_spacing_mm: float | None = None
     """``None``: field of view = body width + a seeded margin."""
     kernel: str = "B40f"
+    contrast: bool = False
+    """Intravenous contrast: blood, heart wall, liver, spleen and consolidation enhance (seeded levels)."""
     consolidation_fraction: float = 0.3
     coverage: str = "full"
     """``"full"`` or ``"partial"`` (lung apex or base cut off, chosen by the seed)."""
@@ -274,10 +283,11 @@ def _generate(spec: SynthSpec) -> _Generated:
     disease, selector, texture = [], [], []
     w_per, w_post, w_low, bias = an.disease_weights
     vessels = {"left": 0, "right": 0}
+    enh = anat.draw_enhancement(spec.seed) if spec.contrast else None
     for k, z in enumerate(lay.z):
         img = table.copy()
         if cy.stop > cy.start and cx.stop > cx.start:
-            h, r, lft, (rho, yn) = anat.render_slice(an, plane, float(z), labels[k, cy, cx])
+            h, r, lft, (rho, yn) = anat.render_slice(an, plane, float(z), labels[k, cy, cx], enh)
             sub = img[cy, cx]
             img[cy, cx] = np.where(h != anat.AIR, h, sub)
             right[k, cy, cx], left[k, cy, cx] = r, lft
@@ -302,7 +312,8 @@ def _generate(spec: SynthSpec) -> _Generated:
         hu[k] = np.rint(img)
     ground_glass = np.zeros_like(right)
     consolidation = np.zeros_like(right)
-    _add_disease(spec, hu, right | left, ground_glass, consolidation, disease, selector, texture)
+    _add_disease(spec, hu, right | left, ground_glass, consolidation, disease, selector, texture,
+                 enh.consolidation if enh else 0.0)
     _reconstruct(spec, an, lay, hu)
     phantom = Phantom(hu=hu, left_lung=left, right_lung=right, ground_glass=ground_glass,
                       consolidation=consolidation,
@@ -322,7 +333,7 @@ def _top(values: np.ndarray, count: int) -> float:
 
 def _add_disease(spec: SynthSpec, hu: np.ndarray, lungs: np.ndarray, ground_glass: np.ndarray,
                  consolidation: np.ndarray, disease: list[np.ndarray], selector: list[np.ndarray],
-                 texture: list[np.ndarray]) -> None:
+                 texture: list[np.ndarray], enhancement: float = 0.0) -> None:
     if not disease:
         return
     score = np.concatenate(disease)
@@ -344,11 +355,11 @@ def _add_disease(spec: SynthSpec, hu: np.ndarray, lungs: np.ndarray, ground_glas
         if not dis.any():
             continue
         vals = hu[k][m].astype(np.float32)
-        vessel = vals > -300.0
+        vessel = vals > -300.0  # vessels stay (consolidation below replaces them)
         ggo = -640.0 + 190.0 * np.clip((s - t_dis) / 0.6, 0.0, 1.0) + 45.0 * tex
         con = -45.0 + 50.0 * np.clip((g - t_cons) / 0.6, 0.0, 1.0) + 25.0 * tex
         vals = np.where(gg & ~vessel, np.clip(ggo, -690.0, -320.0), vals)
-        vals = np.where(cons, np.clip(con, -90.0, 55.0), vals)
+        vals = np.where(cons, np.clip(con, -90.0, 55.0) + enhancement, vals)
         plane = hu[k]
         plane[m] = np.rint(vals)
         ground_glass[k][m] = gg

@@ -17,15 +17,15 @@ import numpy as np
 from scipy import ndimage
 
 __all__ = [
-    "AIR", "AIRWAY_LUMEN", "AIRWAY_WALL", "BONE_TUBE", "MEDIASTINAL", "VESSEL", "Anatomy", "Fields", "Plane",
-    "SliceGrid", "Tube", "diaphragm", "draw_anatomy", "draw_tubes", "lung_extent", "lungs", "rasterize",
-    "render_slice",
+    "AIR", "AIRWAY_LUMEN", "AIRWAY_WALL", "BONE_TUBE", "MEDIASTINAL", "OESOPHAGUS", "VESSEL", "Anatomy",
+    "Enhancement", "Fields", "Plane", "SliceGrid", "Tube", "diaphragm", "draw_anatomy", "draw_enhancement",
+    "draw_tubes", "lung_extent", "lungs", "rasterize", "render_slice",
 ]
 
 AIR = -1000.0
 _HARMONICS = (2, 3, 4, 5)
 # Tube labels; a higher label wins where tubes overlap.
-VESSEL, MEDIASTINAL, BONE_TUBE, AIRWAY_WALL, AIRWAY_LUMEN = 1, 2, 3, 4, 5
+VESSEL, OESOPHAGUS, MEDIASTINAL, BONE_TUBE, AIRWAY_WALL, AIRWAY_LUMEN = 1, 2, 3, 4, 5, 6
 _FIELD_STEP = 3.0  # mm, grid of the smooth random fields
 
 
@@ -110,6 +110,25 @@ def draw_anatomy(seed: int) -> Anatomy:
         noise_sd=u(10.0, 30.0),
         disease_weights=(u(1.0, 1.6), u(0.4, 0.8), u(0.2, 0.6), u(-0.25, 0.25)),
     )
+
+
+@dataclass(frozen=True)
+class Enhancement:
+    """HU of the tissues that take up intravenous iodinated contrast (a venous-to-arterial phase)."""
+
+    blood: float       # heart chambers, aorta, vena cava, pulmonary arteries and veins
+    myocardium: float  # the heart's wall
+    liver: float
+    abdomen: float     # spleen, stomach wall and the rest under the left dome
+    muscle: float      # added to skeletal muscle
+    consolidation: float  # added to consolidated lung (it enhances; ground glass barely does)
+
+
+def draw_enhancement(seed: int) -> Enhancement:
+    """The contrast enhancement of the phantom patient ``seed`` (depends on the seed only)."""
+    u = np.random.default_rng([seed, 8]).uniform
+    return Enhancement(blood=u(150.0, 320.0), myocardium=u(90.0, 130.0), liver=u(95.0, 135.0),
+                       abdomen=u(90.0, 130.0), muscle=u(5.0, 15.0), consolidation=u(15.0, 40.0))
 
 
 class Plane:
@@ -217,18 +236,18 @@ def draw_tubes(an: Anatomy, seed: int, z_top: float) -> list[Tube]:
     tubes += _airway([(xt, yt, c), (xt - 22, yt + 4, c - 18), (xt - 38, yt + 8, c - 32)], 6.5, 1.5)
     tubes += _airway([(xt, yt, c), (xt + 28, yt + 6, c - 24), (xt + 46, yt + 10, c - 40)], 5.5, 1.5)
     y_desc = an.y_vb - an.r_vb + 2.0
-    med = [  # ascending aorta, arch, descending aorta, SVC, oesophagus, pulmonary arteries
+    med = [  # ascending aorta, arch, descending aorta, SVC, pulmonary arteries
         ((xm + 4, hy + 0.3 * hry, hz + 0.6 * hrz), (xm + 2, -0.4 * an.cav_ba, c + 26), 15.0, 14.0),
         ((xm + 2, -0.4 * an.cav_ba, c + 26), (xm + 22, yt - 10, c + 36), 14.0, 13.0),
         ((xm + 22, yt - 10, c + 36), (xm + 24, y_desc - 4, c + 24), 13.0, 12.0),
         ((xm + 24, y_desc - 4, c + 24), (xm + 14, y_desc, -120.0), 12.0, 11.0),
         ((xm - 24, -0.2 * an.cav_ba, top), (xm - 20, -0.15 * an.cav_ba, hz + 0.7 * hrz), 10.0, 10.0),
-        ((xm + 3, y_eso, top), (xm + 8, y_eso, -120.0), 7.0, 7.0),
         ((xm + 12, hy + 0.2 * hry, hz + 0.6 * hrz), (xm + 10, yt - 24, c - 16), 13.0, 12.0),
         ((xm + 10, yt - 24, c - 16), (xm + an.hw_mid + 16, yt - 6, c - 14), 10.0, 9.0),
         ((xm + 10, yt - 24, c - 16), (xm - an.hw_mid - 14, yt - 14, c - 26), 10.0, 9.0),
     ]
     tubes += [Tube(a, b, r0, r1, MEDIASTINAL) for a, b, r0, r1 in med]
+    tubes.append(Tube((xm + 3, y_eso, top), (xm + 8, y_eso, -120.0), 7.0, 7.0, OESOPHAGUS))
     for s in (-1.0, 1.0):
         tubes.append(Tube((s * 14, -an.cav_ba - 8, an.cage_top - 4),
                           (s * 0.85 * an.body_a, -0.55 * an.body_ba, an.cage_top + 14), 7.0, 6.0, BONE_TUBE))
@@ -390,9 +409,11 @@ class Fields:
         return np.einsum("yi,cij,xj->cyx", wy, plane, wx, optimize=True)
 
 
-def render_slice(an: Anatomy, p: Plane, z: float, lab: np.ndarray
+def render_slice(an: Anatomy, p: Plane, z: float, lab: np.ndarray, enh: Enhancement | None = None
                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """HU of the healthy anatomy on one slice, with lung masks and the normalised coordinates.
+
+    ``enh``: the contrast enhancement of a contrast-enhanced scan (``None``: no contrast).
 
     Returns
     -------
@@ -409,27 +430,34 @@ def render_slice(an: Anatomy, p: Plane, z: float, lab: np.ndarray
     body, inner = outline(0.0), outline(an.fat)
     hu = np.full(x.shape, AIR, np.float32)
     hu[body] = an.fat_hu
-    hu[inner] = an.muscle_hu
+    muscle = an.muscle_hu + (enh.muscle if enh else 0.0)
+    blood = enh.blood if enh else 40.0
+    hu[inner] = muscle
     rho, yn = _cavity(an, p, z)
     cav = inner & (rho < 1.0)
     dia = diaphragm(an, p)
     below = cav & (z < dia)
     above = cav & ~below
-    hu[above] = an.muscle_hu
+    hu[above] = muscle
     # Mediastinal fat between the lungs (a rim of chest-wall muscle stays at the front and back).
     central = (np.abs(x - an.x_mid) < 0.45 * an.cav_a * np.sqrt(np.clip(1.0 - 0.5 * yn**2, 0.0, 1.0)))
     hu[above & ((central & (rho < 0.93)) | _heart(an, p, z, grow=12.0))] = -90.0
     liver = below & (x < an.x_mid + 15.0)
-    hu[below] = 42.0
-    hu[liver] = 58.0
+    hu[below] = enh.abdomen if enh else 42.0
+    hu[liver] = enh.liver if enh else 58.0
     if an.gas_bubble:
         bub = ((x - 0.45 * an.cav_a) / 40.0) ** 2 + ((y + 0.1 * an.cav_ba) / 32.0) ** 2 + \
               ((z - an.dome_l + 28.0) / 20.0) ** 2 < 1.0
         hu[below & bub] = -995.0
-    hu[above & _heart(an, p, z)] = 40.0
+    heart = above & _heart(an, p, z)
+    hu[heart] = 40.0
+    if enh:  # blood in the chambers, the wall (about 6 mm) enhances less
+        hu[heart] = enh.myocardium
+        hu[above & _heart(an, p, z, grow=-6.0)] = enh.blood
     keep = _spine_keepout(an, p)
-    hu[cav & keep] = an.muscle_hu
-    hu[body & (lab == MEDIASTINAL)] = 40.0
+    hu[cav & keep] = muscle
+    hu[body & (lab == OESOPHAGUS)] = 40.0
+    hu[body & (lab == MEDIASTINAL)] = blood  # the great vessels
     hu[body & (lab == BONE_TUBE)] = an.cortical_hu * 0.8
     hu[body & (lab == AIRWAY_WALL)] = 70.0
     hu[body & (lab == AIRWAY_LUMEN)] = -995.0
@@ -440,8 +468,8 @@ def render_slice(an: Anatomy, p: Plane, z: float, lab: np.ndarray
     lung = right | left
     hu[lung] = an.lung_hu + an.lung_gradient * 0.5 * np.clip(yn[lung], -1.0, 1.0)
     vessel = lab == VESSEL
-    hu[vessel & lung] = 40.0
-    hu[vessel & above & ~lung & ~keep] = 40.0
+    hu[vessel & lung] = blood
+    hu[vessel & above & ~lung & ~keep] = blood
     _paint_bones(an, p, z, hu, rho, body)
     return hu, right, left, np.stack([rho, yn])
 

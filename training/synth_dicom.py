@@ -117,7 +117,8 @@ def _series_header(spec: SynthSpec, ph: Phantom, ident: Identity, study_uid: str
     ds.ReferringPhysicianName = ident.referring_physician
     ds.StationName = "SYNCT01"
     ds.StudyDescription = "CT CHEST"
-    ds.SeriesDescription = f"Thorax {_ds(spec.slice_thickness_mm)} {spec.kernel} synthetic"
+    ds.SeriesDescription = (f"Thorax {'C+ ' if spec.contrast else ''}{_ds(spec.slice_thickness_mm)} "
+                            f"{spec.kernel} synthetic")
     ds.OperatorsName = ident.operator
     ds.ManufacturerModelName = "SYNTHETIC CHEST PHANTOM"
     ds.PatientName = ident.name
@@ -140,6 +141,9 @@ def _series_header(spec: SynthSpec, ph: Phantom, ident: Identity, study_uid: str
     ds.XRayTubeCurrent = "180"
     ds.Exposure = "90"
     ds.ConvolutionKernel = spec.kernel
+    if spec.contrast:
+        ds.ContrastBolusAgent = "IOHEXOL 350 MG I/ML"
+        ds.ContrastBolusRoute = "IV"
     ds.PatientPosition = "HFS"
     ds.StudyInstanceUID = study_uid
     ds.SeriesInstanceUID = series_uid
