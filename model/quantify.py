@@ -62,7 +62,7 @@ class QuantifyParams:
     """From this whole-lung PO on, a quality flag says PO may read low: dense disease against
     the mediastinum and in the paravertebral gutters has no air beside it and can stay out of
     the lung mask (``benchmarks/bench_accuracy.py``: within 3 points up to about 30 %
-    involvement, 2.6-7.3 points low above)."""
+    involvement, 2.4-7.2 points low above, with or without contrast)."""
 
 
 @dataclass(frozen=True)
