@@ -103,6 +103,17 @@ def _load_predictor(s: Settings):  # type: ignore[no-untyped-def]
     return engine.predict
 
 
+def warm_up_study(folder: Path) -> tuple[Path, ...]:
+    """The workers' warm-up study: 60 slices of 128x128 from the phantom generator (2 MB).
+
+    The CLI is the composition root: the service in :mod:`node` does not import :mod:`training`.
+    """
+    from training.synth import SynthSpec, write_study
+
+    return write_study(folder, SynthSpec(seed=1, involvement=0.1, rows=128, slices=60,
+                                         slice_thickness_mm=5.0)).paths
+
+
 @app.command()
 def serve(config: ConfigOpt = None) -> None:
     """Run the node: DICOM listener, workers, scheduler and web page."""
@@ -111,7 +122,7 @@ def serve(config: ConfigOpt = None) -> None:
     if config is not None:
         _state.config = config
     s = _settings()
-    node = Node(s, _load_predictor(s))
+    node = Node(s, _load_predictor(s), warm_up_study=warm_up_study)
     try:
         node.start()
     except (ConfigError, OSError) as exc:
@@ -141,7 +152,7 @@ def worker(config: ConfigOpt = None) -> None:
     if config is not None:
         _state.config = config
     s = _settings()
-    node = Node(s, _load_predictor(s), receive=False, schedule=False)
+    node = Node(s, _load_predictor(s), receive=False, schedule=False, warm_up_study=warm_up_study)
     node.start()
     signal.signal(signal.SIGTERM, lambda *_: node._stop.set())
     signal.signal(signal.SIGINT, lambda *_: node._stop.set())

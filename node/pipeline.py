@@ -137,7 +137,13 @@ def _remove_stale_warm_ups() -> None:
             shutil.rmtree(folder, ignore_errors=True)
 
 
-def warm_up(ctx: NodeContext) -> float:
+WarmUpStudy = Callable[[Path], tuple[Path, ...]]
+"""Writes a small chest CT series into the folder it is given and returns the files.  The service
+does not import :mod:`training` (the design's one-way dependencies); the composition root
+(:mod:`node.cli`) passes the synthetic generator in."""
+
+
+def warm_up(ctx: NodeContext, write_study: WarmUpStudy) -> float:
     """Analyse a small synthetic study once, before the first real one; the seconds it took.
 
     The first analysis in a process pays one-time costs: torch picks and builds
@@ -146,19 +152,15 @@ def warm_up(ctx: NodeContext) -> float:
     analysing and reporting a 300-slice study took a fresh process 3.7-3.8 s,
     2.7-3.0 s after this warm-up and 2.2-2.3 s from the second study on (the
     rest of the first study's extra is fresh memory for its full-size arrays,
-    which the warm-up's small arrays do not touch).  The warm-up study (60
-    slices of 128x128 from :mod:`training.synth`, 2 MB) and its results are
-    written to a temporary folder of the system's and removed; nothing is
-    recorded in the database.
+    which the warm-up's small arrays do not touch).  The warm-up study
+    (``write_study``; the node uses 60 slices of 128x128 from
+    :mod:`training.synth`, 2 MB) and its results are written to a temporary
+    folder of the system's and removed; nothing is recorded in the database.
     """
-    from training.synth import SynthSpec, write_study
-
     t0 = time.perf_counter()
     _remove_stale_warm_ups()
     with tempfile.TemporaryDirectory(prefix=f"{_WARM_UP_PREFIX}{os.getpid()}-") as tmp:
-        study = write_study(Path(tmp) / "study", SynthSpec(seed=1, involvement=0.1, rows=128, slices=60,
-                                                           slice_thickness_mm=5.0))
-        paths = tuple(sorted(study.dicom_dir.glob("*.dcm")))
+        paths = tuple(sorted(write_study(Path(tmp) / "study")))
         first = pydicom.dcmread(paths[0], stop_before_pixels=True)
         selected = SelectedSeries(str(first.StudyInstanceUID), str(first.SeriesInstanceUID), paths, "warm-up")
         analysis = analyse(selected, ctx.settings.analysis, ctx.predictor)

@@ -23,7 +23,7 @@ from node.db import make_engine, make_session_factory, utcnow
 from node.jobs import claim_job, lease_owner, next_stable_at, queue_stable_studies, release_orphaned_leases
 from node.migrate import upgrade
 from node.outbox import deliver_due
-from node.pipeline import NodeContext, Predictor, archive_pending, run_job, warm_up
+from node.pipeline import NodeContext, Predictor, WarmUpStudy, archive_pending, run_job, warm_up
 from node.receivers import ReceiverPool, receiver_count
 from node.scp import StoreSCP
 from node.settings import Settings
@@ -45,11 +45,16 @@ class Node:
         The severity network's inference function, loaded once (``None``: no CNN).
     receive, work, schedule:
         Which parts run in this process.
+    warm_up_study:
+        Writes the small study the workers analyse once at start (``[worker] warm_up``); ``None``:
+        no warm-up.
     """
 
     def __init__(self, settings: Settings, predictor: Predictor | None = None, *,
-                 receive: bool = True, work: bool = True, schedule: bool = True) -> None:
+                 receive: bool = True, work: bool = True, schedule: bool = True,
+                 warm_up_study: WarmUpStudy | None = None) -> None:
         self.settings = settings
+        self._warm_up_study = warm_up_study
         buffers.set_limit(settings.analysis.buffer_pool_mb * 2**20)
         self.engine = make_engine(settings.database.url, echo=settings.database.echo,
                                   durable=settings.storage.fsync)
@@ -129,9 +134,9 @@ class Node:
         except Exception:  # noqa: BLE001 - a catch-up must not take the node down; the next start retries
             logger.exception("archive catch-up failed")
 
-    def _warm_up(self) -> None:
+    def _warm_up(self, write_study: WarmUpStudy) -> None:
         try:
-            seconds = warm_up(self.ctx)
+            seconds = warm_up(self.ctx, write_study)
         except Exception:  # noqa: BLE001 - only the first study's speed depends on it
             logger.warning("warm-up analysis failed; the first study pays the start-up costs",
                            exc_info=True)
@@ -166,8 +171,9 @@ class Node:
             self._scheduler = sched
         if self._work:
             threading.Thread(target=self._archive_pending, name="archive-catch-up", daemon=True).start()
-            if s.worker.warm_up and s.worker.count > 0:
-                self._warm_up_thread = threading.Thread(target=self._warm_up, name="warm-up", daemon=True)
+            if s.worker.warm_up and s.worker.count > 0 and self._warm_up_study is not None:
+                self._warm_up_thread = threading.Thread(target=self._warm_up, args=(self._warm_up_study,),
+                                                        name="warm-up", daemon=True)
                 self._warm_up_thread.start()
             for i in range(s.worker.count):
                 t = threading.Thread(target=self._worker_loop, name=f"worker-{i}", daemon=True)

@@ -14,6 +14,7 @@ from pydicom.encaps import encapsulate, generate_frames
 from pydicom.uid import JPEG2000Lossless, generate_uid
 from sqlalchemy import func, select
 
+from node.cli import warm_up_study
 from node.db import AuditEntry, Instance, ResultObject, Study, StudyState, UidMapping
 from node.errors import AnonymizationError
 from node.service import Node
@@ -209,7 +210,7 @@ def test_warm_up_analyses_a_synthetic_study_and_leaves_nothing(
     settings = make_settings(f"sqlite:///{tmp_path / 'db.sqlite'}", port=free_port(),
                              worker={"warm_up": True})
     caplog.set_level(logging.INFO, logger="node.service")
-    n = Node(settings)
+    n = Node(settings, warm_up_study=warm_up_study)  # what `lungnode serve` passes
     n.start()
     try:
         deadline = time.monotonic() + 120
