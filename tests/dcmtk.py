@@ -305,7 +305,16 @@ class StoreSCP:
             self._log.close()
         self._log = None
         if self._done is not None:
-            self._done.cleanup()
+            # storescp runs the marker command in a child; one started just before the stop can
+            # outlive storescp and write its marker while the folder is being removed: try again
+            for attempt in range(50):
+                try:
+                    self._done.cleanup()
+                    break
+                except OSError:
+                    if attempt == 49:
+                        raise
+                    time.sleep(0.05)
         self._done = None
 
     def log_text(self) -> str:

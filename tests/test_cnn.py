@@ -325,6 +325,14 @@ def test_metrics_and_labels() -> None:
     assert m.macro_f1 == pytest.approx((1 + 1 + 1 + 2 / 3 + 2 / 3) / 5)
 
 
+def test_a_contrast_share_leaves_the_other_draws_alone() -> None:
+    plain = draw_specs(40, 700, balanced=True, options=EVAL_OPTIONS)
+    mixed = draw_specs(40, 700, balanced=True, options=replace(EVAL_OPTIONS, contrast=0.5))
+    assert not any(s.contrast for s in plain)
+    assert 8 <= sum(s.contrast for s in mixed) <= 32
+    assert [replace(s, contrast=False) for s in mixed] == plain  # the sets drawn before stay the same
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_gpu_engine_agrees_with_the_cpu(engine: InferenceEngine, study: tuple[CTVolume, LungMasks]) -> None:

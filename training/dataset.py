@@ -90,6 +90,9 @@ class SpecOptions:
     """Share of phantoms with the lung apex or base cut off."""
     edge_margin: float = 0.02
     """Involvement is drawn this far inside each class's bin."""
+    contrast: float = 0.0
+    """Share of phantoms scanned after intravenous contrast (drawn from a stream of its own, so the
+    other draws, and the sets drawn before this option existed, do not change)."""
 
 
 def draw_specs(n: int, base_seed: int, *, balanced: bool, options: SpecOptions = SpecOptions()
@@ -109,6 +112,7 @@ def draw_specs(n: int, base_seed: int, *, balanced: bool, options: SpecOptions =
         Image size, slice thickness, kernel and disease variation.
     """
     rng = np.random.default_rng([base_seed, 20261123])
+    rng_contrast = np.random.default_rng([base_seed, 20261129])
     specs = []
     for i in range(n):
         cls = i % len(CLASS_NAMES) if balanced else int(rng.integers(len(CLASS_NAMES)))
@@ -123,6 +127,7 @@ def draw_specs(n: int, base_seed: int, *, balanced: bool, options: SpecOptions =
             kernel=str(rng.choice(options.kernels)),
             consolidation_fraction=round(float(rng.uniform(*options.consolidation_fraction)), 3),
             coverage="partial" if rng.random() < options.partial_coverage else "full",
+            contrast=bool(rng_contrast.random() < options.contrast),
         ))
     return specs
 

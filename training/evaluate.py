@@ -13,6 +13,7 @@ Command line (prints one JSON object)::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -216,14 +217,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--no-tta", action="store_true")
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--contrast", type=float, default=0.0,
+                        help="share 0..1 of the phantoms scanned after intravenous contrast")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     torch.set_num_threads(args.threads)
     engine = InferenceEngine.from_registry(args.model, args.registry, device=args.device, tta=not args.no_tta)
-    specs = draw_specs(args.n, args.base_seed, balanced=True, options=EVAL_OPTIONS)
+    specs = draw_specs(args.n, args.base_seed, balanced=True,
+                       options=dataclasses.replace(EVAL_OPTIONS, contrast=args.contrast))
     result = evaluate_engine(engine, specs, sources=tuple(args.masks), workers=args.workers)
     print(json.dumps({"model": engine.card.name, "version": engine.card.version, "device": engine.device_name,
-                      "n": args.n, "base_seed": args.base_seed,
+                      "n": args.n, "base_seed": args.base_seed, "contrast": args.contrast,
                       "metrics": {k: v.to_dict() for k, v in result.items()}}, indent=2))
     return 0
 
