@@ -67,7 +67,7 @@ def _results_in_orthanc(orthanc: Orthanc, study_uid: str) -> dict[str, list[pydi
     return found
 
 
-def test_orthanc_round_trip_and_reanalysis(orthanc_and_node: tuple[Orthanc, Node]) -> None:
+def test_orthanc_round_trip_and_reanalysis(orthanc_and_node: tuple[Orthanc, Node], tmp_path: Path) -> None:
     orthanc, node = orthanc_and_node
     storescu([B40F], "127.0.0.1", orthanc.dicom_port, orthanc.aet)
     source = pydicom.dcmread(sorted(B40F.iterdir())[0], stop_before_pixels=True)
@@ -102,9 +102,10 @@ def test_orthanc_round_trip_and_reanalysis(orthanc_and_node: tuple[Orthanc, Node
     codes_found = sr_codes(sr_ds)
     assert ("Severity category (MosMedData)", summary["severity_category"]) in codes_found
     assert ("Scope of measurement", "WHOLEPERLUNG") in codes_found
-    proc = subprocess.run(["dsrdump", str(_as_file(sr_ds))], capture_output=True, text=True)
+    proc = subprocess.run(["dsrdump", str(_as_file(sr_ds, tmp_path / "sr.dcm"))], capture_output=True,
+                          text=True)
     assert proc.returncode == 0 and "Imaging Measurement Report" in proc.stdout
-    seg = hd.seg.segread(_as_file(seg_ds))
+    seg = hd.seg.segread(_as_file(seg_ds, tmp_path / "seg.dcm"))
     referenced = {r.ReferencedSOPInstanceUID for item in seg.ReferencedSeriesSequence
                   for r in item.ReferencedInstanceSequence}
     b40f_uids = {pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID for f in B40F.iterdir()}
@@ -161,12 +162,9 @@ def sr_codes(ds: pydicom.Dataset) -> set[tuple[str, str]]:
             if i.ValueType == "CODE"}
 
 
-def _as_file(ds: pydicom.Dataset) -> Path:
-    import tempfile
-
-    f = Path(tempfile.mkstemp(suffix=".dcm")[1])
-    ds.save_as(f, enforce_file_format=True)
-    return f
+def _as_file(ds: pydicom.Dataset, path: Path) -> Path:
+    ds.save_as(path, enforce_file_format=True)
+    return path
 
 
 def test_serve_with_receiver_processes_records_every_instance_and_stops_them(
