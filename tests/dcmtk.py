@@ -307,15 +307,16 @@ class StoreSCP:
         if self._done is not None:
             # storescp runs the marker command in a child; one started just before the stop can
             # outlive storescp and write its marker while the folder is being removed: try again
-            for attempt in range(50):
-                try:
-                    self._done.cleanup()
-                    break
-                except OSError:
-                    if attempt == 49:
-                        raise
-                    time.sleep(0.05)
+            wait_for(self._remove_markers, 2.5, 0.05, "storescp's marker folder to be removed")
         self._done = None
+
+    def _remove_markers(self) -> bool:
+        assert self._done is not None
+        try:
+            self._done.cleanup()
+        except OSError:  # a marker written while the folder was being removed
+            return False
+        return True
 
     def log_text(self) -> str:
         """What storescp printed so far."""

@@ -449,10 +449,8 @@ def render_slice(an: Anatomy, p: Plane, z: float, lab: np.ndarray, enh: Enhancem
         bub = ((x - 0.45 * an.cav_a) / 40.0) ** 2 + ((y + 0.1 * an.cav_ba) / 32.0) ** 2 + \
               ((z - an.dome_l + 28.0) / 20.0) ** 2 < 1.0
         hu[below & bub] = -995.0
-    heart = above & _heart(an, p, z)
-    hu[heart] = 40.0
+    hu[above & _heart(an, p, z)] = enh.myocardium if enh else 40.0
     if enh:  # blood in the chambers, the wall (about 6 mm) enhances less
-        hu[heart] = enh.myocardium
         hu[above & _heart(an, p, z, grow=-6.0)] = enh.blood
     keep = _spine_keepout(an, p)
     hu[cav & keep] = muscle
