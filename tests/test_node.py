@@ -134,8 +134,16 @@ def test_orthanc_round_trip_and_reanalysis(orthanc_and_node: tuple[Orthanc, Node
         study = s.scalars(select(Study)).one()
         assert study.result_version == 2
         assert study.instance_count == 60
-        _wait(lambda: all(d.state == DeliveryState.SENT for d in s.scalars(select(Delivery))), 30,
-              "deliveries marked sent")
+    _wait(lambda: _deliveries_sent(node), 30, "deliveries marked sent")
+
+
+def _deliveries_sent(node: Node) -> bool:
+    """Whether every delivery is marked sent, read in a session of its own: a session kept open
+    across the polls holds SQLite's write lock (the node begins every transaction IMMEDIATE), so
+    the outbox could not mark them sent, and it would keep returning the rows it loaded first."""
+    with node.sessions() as s:
+        ds = list(s.scalars(select(Delivery)))
+        return bool(ds) and all(d.state == DeliveryState.SENT for d in ds)
 
 
 def _walk(items, group: str | None = None):  # type: ignore[no-untyped-def]
@@ -269,7 +277,6 @@ def test_hand_offs_do_not_wait_for_the_interval_ticks(
             assert classes == {SR_CLASS, SEG_CLASS, SC_CLASS}
             with node.sessions() as s:
                 assert s.scalars(select(Study)).one().state == StudyState.COMPLETE
-                _wait(lambda: all(d.state == DeliveryState.SENT for d in s.scalars(select(Delivery))), 30,
-                      "deliveries marked sent")
+            _wait(lambda: _deliveries_sent(node), 30, "deliveries marked sent")
         finally:
             node.stop()
