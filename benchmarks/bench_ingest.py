@@ -228,7 +228,7 @@ def main() -> None:
             t_send = time.perf_counter() - t1
             assert len(o.get("/instances")) == n
         # the same SCU in process (what the node's outbox calls to deliver results): no CLI start
-        from node.scu import send_files
+        from node.dicom.scu import send_files
         from node.settings import DicomSettings, Peer
 
         def send_direct(nodelay: bool) -> float:
@@ -266,7 +266,7 @@ def main() -> None:
               + _pg_setting("synchronous_commit") + ")")
         head = f"{'storescu inst/s':>15} {'node inst/s':>12} {'node/storescu time':>18}"
         print(f"\n{'sender into Orthanc':45} {head}")
-        print(f"{'1 association, node.scu.send_files':45} {n / t_scu:15.0f} {n / t_direct:12.0f} "
+        print(f"{'1 association, node.dicom.scu.send_files':45} {n / t_scu:15.0f} {n / t_direct:12.0f} "
               f"{t_direct / t_scu:18.2f}")
         print(f"{'1 association, `lungnode send` (CLI)':45} {n / t_scu:15.0f} {n / t_send:12.0f} "
               f"{t_send / t_scu:18.2f}")

@@ -7,7 +7,7 @@ TCP_NODELAY=1 Orthanc of the same round):
 
 - ``storescu``: DCMTK storescu (TCP_NODELAY=1), the process timed from start
   to exit (a C program: its start is a few milliseconds);
-- ``node send_files``: ``node.scu.send_files`` in this process, timed
+- ``node send_files``: ``node.dicom.scu.send_files`` in this process, timed
   around the call (association, sends, release): what the outbox does for a
   delivery, without any process start;
 - ``pynetdicom send_c_store``: the same call with the direct path switched
@@ -48,7 +48,7 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks.bench_ingest import make_data as make_files  # noqa: E402
 from node import scu  # noqa: E402
-from node.scu import send_files  # noqa: E402
+from node.dicom.scu import send_files  # noqa: E402
 from node.settings import DicomSettings, Peer  # noqa: E402
 from tests.dcmtk import env_for  # noqa: E402
 from tests.peers import Orthanc  # noqa: E402

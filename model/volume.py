@@ -460,7 +460,7 @@ def load_series_with_headers(paths: Sequence[Path]) -> tuple[CTVolume, tuple[Dat
     Returns
     -------
     The volume, and the files' datasets without pixel data, in the volume's z
-    order (what :func:`node.reports.build_reports` takes as source headers).
+    order (what :func:`node.stages.reports.build_reports` takes as source headers).
 
     Raises
     ------

@@ -210,7 +210,7 @@ def _dicom_files(paths: list[Path]) -> list[Path]:
 @app.command()
 def send(paths: list[Path], to: Annotated[str, typer.Option("--to", help="peer name")]) -> None:
     """C-STORE DICOM files or folders to a peer, with a progress bar."""
-    from node.scu import send_files
+    from node.dicom.scu import send_files
 
     s = _settings()
     try:
@@ -240,7 +240,7 @@ def send(paths: list[Path], to: Annotated[str, typer.Option("--to", help="peer n
 @app.command()
 def studies(limit: int = 50, as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     """Table of studies with state, reason and deliveries."""
-    from node.web import study_rows
+    from node.work.views import study_rows
 
     with _sessions()() as session:
         rows = study_rows(session, limit)
@@ -300,7 +300,7 @@ def show(study: str) -> None:
 @app.command()
 def retry(study: str) -> None:
     """Queue a new analysis of a failed, rejected or complete study."""
-    from node.jobs import requeue_study
+    from node.work.jobs import requeue_study
 
     with _sessions()() as session:
         st = _find_study(session, study)
@@ -334,7 +334,7 @@ def analyze(dicom_dir: Path, out: Annotated[Path, typer.Option("--out", help="ou
     """Run the pipeline offline on a folder; write SR/SEG/summary to OUT; print JSON."""
     from model.errors import AnalysisError
     from node.pipeline import analyse, report, selection_rules, summarise, write_results
-    from node.selection import select_series
+    from node.stages.selection import select_series
 
     s = _settings()
     try:
@@ -382,7 +382,7 @@ def deliveries(ctx: typer.Context, limit: int = 100,
     """List deliveries (pending, sent, dead) with their last error."""
     if ctx.invoked_subcommand is not None:
         return
-    from node.web import delivery_rows
+    from node.work.views import delivery_rows
 
     with _sessions()() as session:
         rows = delivery_rows(session, limit)
@@ -401,7 +401,7 @@ def deliveries(ctx: typer.Context, limit: int = 100,
 @deliveries_app.command("retry")
 def deliveries_retry(delivery_id: int) -> None:
     """Re-queue a dead delivery for an immediate attempt."""
-    from node.outbox import retry_delivery
+    from node.work.outbox import retry_delivery
 
     with _sessions()() as session:
         try:

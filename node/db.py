@@ -86,7 +86,7 @@ class Base(DeclarativeBase):
 
 
 class StudyState(enum.StrEnum):
-    """Where a study is in the pipeline; changed only by :func:`node.state.transition`."""
+    """Where a study is in the pipeline; changed only by :func:`node.work.state.transition`."""
 
     RECEIVING = "receiving"
     QUEUED = "queued"

@@ -32,8 +32,6 @@ from model.lungs import LungMasks, segment_lungs
 from model.prediction import Prediction
 from model.quantify import OpacityThresholds, Quantification, quantify
 from model.volume import CTVolume, load_series_with_headers
-from node.anonymize import anonymize
-from node.catalog import stored_study
 from node.db import (
     AuditEntry,
     Delivery,
@@ -45,14 +43,16 @@ from node.db import (
     UidMapping,
     utcnow,
 )
+from node.dicom.catalog import stored_study
+from node.dicom.storage import atomic_write
 from node.errors import LungnodeError, SelectionError
-from node.jobs import ClaimedJob, finish_job_failed, renew_lease
 from node.records import SelectedSeries
-from node.reports import ReportContext, ResultObjects, build_reports
-from node.selection import SelectionRules, select_series
 from node.settings import AnalysisSettings, SelectionSettings, Settings
-from node.state import transition
-from node.storage import atomic_write
+from node.stages.anonymize import anonymize
+from node.stages.reports import ReportContext, ResultObjects, build_reports
+from node.stages.selection import SelectionRules, select_series
+from node.work.jobs import ClaimedJob, finish_job_failed, renew_lease
+from node.work.state import transition
 
 __all__ = [
     "ALGORITHM_NAME",

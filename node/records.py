@@ -1,6 +1,6 @@
 """Frozen dataclasses passed between the pipeline's stages.
 
-Stages (:mod:`node.selection`, :mod:`node.anonymize`, :mod:`node.reports`, ...)
+Stages (:mod:`node.stages.selection`, :mod:`node.stages.anonymize`, :mod:`node.stages.reports`, ...)
 take and return these; none of them touches the database.
 """
 

@@ -2,7 +2,7 @@
 
 Everything runs in one process, except that with ``[dicom] receivers`` above 1
 (the default on a machine with several cores) the C-STORE listener runs in that
-many child processes (:class:`node.receivers.ReceiverPool`).
+many child processes (:class:`node.dicom.receivers.ReceiverPool`).
 
 ``lungnode serve`` builds a :class:`Node` and runs it until SIGTERM/SIGINT.
 ``lungnode worker`` runs only workers (scale-out against PostgreSQL).
@@ -18,17 +18,23 @@ from apscheduler.schedulers.background import BackgroundScheduler  # type: ignor
 from sqlalchemy.orm import Session, sessionmaker
 
 from model import buffers
-from node.catalog import Catalog
 from node.db import make_engine, make_session_factory, utcnow
-from node.jobs import claim_job, lease_owner, next_stable_at, queue_stable_studies, release_orphaned_leases
+from node.dicom.catalog import Catalog
+from node.dicom.receivers import ReceiverPool, receiver_count
+from node.dicom.scp import StoreSCP
+from node.dicom.storage import InstanceStore
 from node.migrate import upgrade
-from node.outbox import deliver_due
 from node.pipeline import NodeContext, Predictor, WarmUpStudy, archive_pending, run_job, warm_up
-from node.receivers import ReceiverPool, receiver_count
-from node.scp import StoreSCP
 from node.settings import Settings
-from node.storage import InstanceStore
-from node.web import WebServer
+from node.web.app import WebServer
+from node.work.jobs import (
+    claim_job,
+    lease_owner,
+    next_stable_at,
+    queue_stable_studies,
+    release_orphaned_leases,
+)
+from node.work.outbox import deliver_due
 
 __all__ = ["Node"]
 

@@ -22,9 +22,9 @@ from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import JPEGLSLossless
 
-from node.anonymize import PROFILE_ACTIONS, anonymize
 from node.errors import AnonymizationError
 from node.records import ArchivedSeries, SelectedSeries
+from node.stages.anonymize import PROFILE_ACTIONS, anonymize
 from tests.conftest import B40F, B70F
 
 SALT = "test-salt-0123456789abcdef"

@@ -11,7 +11,7 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from node.web import WebServer
+from node.web.app import WebServer
 from tests.conftest import B40F, CT_STUDY, write_config
 from tests.peers import StoreSCP, free_port
 

@@ -23,12 +23,12 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from model.volume import load_series
-from node.catalog import Catalog
 from node.db import AuditEntry, Instance, Study, make_engine, make_session_factory
+from node.dicom.catalog import Catalog
+from node.dicom.scp import StoreSCP
+from node.dicom.storage import InstanceStore
 from node.migrate import upgrade
-from node.scp import StoreSCP
 from node.settings import Settings
-from node.storage import InstanceStore
 from tests.conftest import B40F
 from tests.peers import free_port, storescu
 
@@ -286,7 +286,7 @@ def _encoded(ds: pydicom.Dataset, implicit: bool) -> bytes:
 def test_header_scan_agrees_with_pydicom(implicit: bool) -> None:
     """The C-STORE handler's quick scan reads the same UIDs as pydicom, sequences of
     undefined length included (the real study has them)."""
-    from node.scp import scan_dataset
+    from node.dicom.scp import scan_dataset
 
     syntax = pydicom.uid.ImplicitVRLittleEndian if implicit else pydicom.uid.ExplicitVRLittleEndian
     names = ("SOPClassUID", "SOPInstanceUID", "Modality", "StudyInstanceUID", "SeriesInstanceUID")
@@ -352,7 +352,7 @@ def _open_pipes() -> list[str]:
 
 def test_event_driven_dul_wakes_on_data_after_idling_and_leaks_no_descriptors(
         listener: Callable[..., Listener]) -> None:
-    """node.netio's select-based DUL loop: an association that stays idle longer than
+    """node.dicom.netio's select-based DUL loop: an association that stays idle longer than
     the loop's longest wait still gets its C-STOREs answered, and the wake-up pipe of
     each association is closed when it ends."""
     import time
@@ -384,7 +384,7 @@ def test_durable_write_flushes_the_data_before_the_rename_and_the_folder_after(
     (the new name survives a power loss too)."""
     import os
 
-    from node.storage import atomic_write
+    from node.dicom.storage import atomic_write
 
     events: list[tuple[str, str]] = []
     real_fsync, real_replace = os.fsync, os.replace

@@ -9,10 +9,11 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from node.catalog import Catalog, InstanceRecord
 from node.db import AuditEntry, Job, JobState, Study, StudyState, make_engine, make_session_factory, utcnow
+from node.dicom.catalog import Catalog, InstanceRecord
 from node.errors import IllegalTransition
-from node.jobs import (
+from node.migrate import upgrade
+from node.work.jobs import (
     MAX_JOB_ATTEMPTS,
     claim_job,
     finish_job_failed,
@@ -22,8 +23,7 @@ from node.jobs import (
     release_orphaned_leases,
     renew_lease,
 )
-from node.migrate import upgrade
-from node.state import transition
+from node.work.state import transition
 
 
 @pytest.fixture

@@ -337,7 +337,7 @@ def test_moderate_opacity_is_not_flagged_as_extensive(healthy: Phantom) -> None:
 
 def test_every_quality_flag_has_its_own_code() -> None:
     """The SR codes each flag quantify can raise (OTHER is for flags it does not know)."""
-    from node.reports import codes as lc
+    from node.stages.reports import codes as lc
 
     flags = {
         "lungs not fully covered by the scan (lung on the first or last slice)": "PARTCOV",

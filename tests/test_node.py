@@ -191,8 +191,8 @@ def test_serve_with_receiver_processes_records_every_instance_and_stops_them(
     node = Node(settings)
     node.start()
     try:
-        assert node.scp is None and node.receivers is not None
-        pids = node.receivers.pids
+        assert node.dicom.scp is None and node.dicom.receivers is not None
+        pids = node.dicom.receivers.pids
         assert len(pids) == 2
         parts = []
         for i in range(4):

@@ -30,11 +30,11 @@ from node.db import (
     make_session_factory,
     utcnow,
 )
+from node.dicom.scu import _DirectStore, c_store_command, read_stored_file, send_files
 from node.errors import DeliveryError
 from node.migrate import upgrade
-from node.outbox import backoff, deliver_due, retry_delivery
-from node.scu import _DirectStore, c_store_command, read_stored_file, send_files
 from node.settings import DeliverySettings, DicomSettings, Peer
+from node.work.outbox import backoff, deliver_due, retry_delivery
 from tests.conftest import B40F
 from tests.peers import Orthanc, StoreSCP, free_port
 

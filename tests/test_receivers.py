@@ -1,4 +1,4 @@
-"""The receivers' accept rule (node.receivers._accept_loop) on a real listening socket.
+"""The receivers' accept rule (node.dicom.receivers._accept_loop) on a real listening socket.
 
 A receiver accepts only while it has no more open associations than the least
 busy live receiver; a receiver whose heartbeat is stale (dead, restarting) is
@@ -12,7 +12,7 @@ import socket
 import threading
 import time
 
-from node.receivers import _accept_loop
+from node.dicom.receivers import _accept_loop
 
 
 class _FakeSCP:

@@ -29,10 +29,10 @@ from model.prediction import CLASS_NAMES, Prediction
 from model.quantify import Quantification, quantify
 from model.volume import CTVolume, load_series
 from node.errors import ReportError
-from node.reports import ReportContext, ResultObjects, build_reports
-from node.reports import codes as lc
-from node.reports.seg import SEGMENT_COLOURS, build_segmentation
-from node.reports.source import STUDY_IDENTIFIERS, clean_headers
+from node.stages.reports import ReportContext, ResultObjects, build_reports
+from node.stages.reports import codes as lc
+from node.stages.reports.seg import SEGMENT_COLOURS, build_segmentation
+from node.stages.reports.source import STUDY_IDENTIFIERS, clean_headers
 from tests.conftest import B40F, B70F
 
 pytestmark = pytest.mark.filterwarnings(

@@ -1,4 +1,4 @@
-"""node.reports.seg: the SEG's cheaper Segments Overlap check gives highdicom's answer."""
+"""node.stages.reports.seg: the SEG's cheaper Segments Overlap check gives highdicom's answer."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from model.lungs import LungMasks
-from node.reports import seg as seg_module
+from node.stages.reports import seg as seg_module
 
 
 @pytest.mark.parametrize("overlap", [False, True])

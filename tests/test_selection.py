@@ -18,7 +18,7 @@ from pydicom.uid import EnhancedCTImageStorage, PositronEmissionTomographyImageS
 
 from node.errors import SelectionError
 from node.records import SelectedSeries, SeriesCandidate, StoredInstance, StoredStudy
-from node.selection import SelectionRules, classify_kernel, measure_noise_hu, select_series
+from node.stages.selection import SelectionRules, classify_kernel, measure_noise_hu, select_series
 from tests.conftest import B40F, B70F
 
 Edit = Callable[[Dataset, int], None]

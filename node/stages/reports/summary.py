@@ -24,7 +24,7 @@ from model.lungs import LungMasks
 from model.prediction import Prediction
 from model.quantify import Quantification
 from model.volume import CTVolume
-from node.reports.seg import SEGMENT_COLOURS
+from node.stages.reports.seg import SEGMENT_COLOURS
 
 __all__ = ["DISCLAIMER", "build_summary", "render_summary", "summary_lines"]
 

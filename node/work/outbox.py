@@ -9,7 +9,7 @@ it is back and nothing twice after success.  (Should the node die between a
 peer's acknowledgement and that commit, the object is sent again after the
 restart; the receiving PACS sees the same SOP Instance UID and keeps one copy.)
 
-The files are sent by :func:`node.scu.send_files` (as stored, without
+The files are sent by :func:`node.dicom.scu.send_files` (as stored, without
 decoding them).
 """
 
@@ -25,8 +25,8 @@ from sqlalchemy import or_, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from node.db import AuditEntry, Delivery, DeliveryState, ResultObject, utcnow
+from node.dicom.scu import send_files
 from node.errors import DeliveryError
-from node.scu import send_files
 from node.settings import DeliverySettings, DicomSettings, Peer
 
 __all__ = ["DeliveryOutcome", "backoff", "deliver_due", "retry_delivery"]

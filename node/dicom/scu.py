@@ -29,9 +29,9 @@ from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import split_dataset
 
+from node.dicom.netio import tune_connection
+from node.dicom.scp import LONG_VRS
 from node.errors import DeliveryError
-from node.netio import tune_connection
-from node.scp import LONG_VRS
 from node.settings import DicomSettings, Peer
 
 __all__ = ["StoredFile", "c_store_command", "read_stored_file", "send_files"]

@@ -20,7 +20,7 @@ from sqlalchemy import func, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from node.db import Delivery, DeliveryState, Job, JobState, Study, StudyState, utcnow
-from node.state import transition
+from node.work.state import transition
 
 __all__ = [
     "ClaimedJob",

@@ -1,7 +1,7 @@
 """Receiving in several processes: ``[dicom] receivers`` above 1.
 
 ``serve`` opens the DICOM port once and starts the receiver processes
-(:class:`ReceiverPool`); each runs a :class:`node.scp.StoreSCP` with its own
+(:class:`ReceiverPool`); each runs a :class:`node.dicom.scp.StoreSCP` with its own
 database engine and accepts associations from that one shared listening
 socket.  A receiver accepts only while it has no more open associations than
 the least busy live receiver (:func:`_accept_loop`; each publishes its count and
@@ -32,12 +32,12 @@ from collections.abc import MutableSequence
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 
-from node.catalog import Catalog
 from node.db import make_engine, make_session_factory
+from node.dicom.catalog import Catalog
+from node.dicom.scp import StoreSCP
+from node.dicom.storage import InstanceStore
 from node.errors import ConfigError
-from node.scp import StoreSCP
 from node.settings import Settings
-from node.storage import InstanceStore
 
 __all__ = ["ReceiverPool", "receiver_count", "run_receiver"]
 

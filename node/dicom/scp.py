@@ -44,11 +44,11 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
 from model.volume import MARKER_ENDED_SYNTAXES, has_end_marker
-from node.catalog import Catalog, InstanceRecord
+from node.dicom.catalog import Catalog, InstanceRecord
+from node.dicom.netio import tune_connection
+from node.dicom.storage import InstanceStore, validate_uid
 from node.errors import StorageError
-from node.netio import tune_connection
 from node.settings import DicomSettings, Peer
-from node.storage import InstanceStore, validate_uid
 
 __all__ = [
     "ACCEPTED_SOP_CLASSES",
@@ -413,7 +413,7 @@ class StoreSCP:
 
         ``listen=False``: no socket of its own; connections accepted elsewhere
         (a receiver process's share of the node's listening socket, see
-        :mod:`node.receivers`) are handed in with :meth:`serve_connection`.
+        :mod:`node.dicom.receivers`) are handed in with :meth:`serve_connection`.
         """
         handlers: list = [
             (evt.EVT_CONN_OPEN, tune_connection),

@@ -9,7 +9,7 @@ slices through the lungs.  Segments:
    category SCT Anatomical Structure 91723000, shown green;
 2. *Right lung*: SCT Lung with the modifier SCT Right 24028007, shown blue;
 3. *Lung opacity*: ``99LUNGNODE OPACITY`` (ground glass and consolidation,
-   see :mod:`node.reports.codes`), category SCT Morphologically Abnormal
+   see :mod:`node.stages.reports.codes`), category SCT Morphologically Abnormal
    Structure 49755003, anatomic region SCT Lung, shown red.
 
 The colours are those of the summary image.
@@ -29,7 +29,7 @@ from pydicom.uid import ExplicitVRLittleEndian
 
 from model.lungs import LungMasks
 from node.errors import ReportError
-from node.reports import codes as lc
+from node.stages.reports import codes as lc
 
 __all__ = ["SEGMENT_COLOURS", "SEGMENT_LABELS", "build_segmentation"]
 
@@ -121,7 +121,7 @@ def build_segmentation(sources: Sequence[Dataset], masks: LungMasks, opacity: np
     Parameters
     ----------
     sources:
-        Cleaned headers of the analysed images (:func:`node.reports.source.clean_headers`)
+        Cleaned headers of the analysed images (:func:`node.stages.reports.source.clean_headers`)
         in the masks' z order.
     masks, opacity:
         Boolean ``(z, y, x)`` masks on the source grid.

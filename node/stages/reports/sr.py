@@ -23,7 +23,7 @@ Content of the Imaging Measurement Report (TID 1500):
 
 A re-analysis references the SR it replaces in Predecessor Documents Sequence.
 The document is COMPLETE, PRELIMINARY and UNVERIFIED: nobody has signed it.
-Private codes are listed in :mod:`node.reports.codes`.
+Private codes are listed in :mod:`node.stages.reports.codes`.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from pydicom.uid import generate_uid
 from model.prediction import Prediction
 from model.quantify import LungMeasurement, Quantification
 from node.errors import ReportError
-from node.reports import codes as lc
+from node.stages.reports import codes as lc
 
 __all__ = ["CHEST_CT", "GROUP_IDS", "build_sr"]
 

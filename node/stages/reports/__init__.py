@@ -3,13 +3,13 @@
 :func:`build_reports` is the stage: from the analysis of one series to three
 DICOM datasets, each in a new series of the ORIGINAL study (patient and study
 attributes copied from cleaned copies of the source headers, see
-:mod:`node.reports.source`):
+:mod:`node.stages.reports.source`):
 
-- :mod:`node.reports.sr`: Comprehensive 3D SR, TID 1500 measurement report;
-- :mod:`node.reports.seg`: binary Segmentation (left lung, right lung, opacity);
-- :mod:`node.reports.summary`: RGB Secondary Capture with burned-in numbers.
+- :mod:`node.stages.reports.sr`: Comprehensive 3D SR, TID 1500 measurement report;
+- :mod:`node.stages.reports.seg`: binary Segmentation (left lung, right lung, opacity);
+- :mod:`node.stages.reports.summary`: RGB Secondary Capture with burned-in numbers.
 
-Codes, including the private ``99LUNGNODE`` scheme, are in :mod:`node.reports.codes`.
+Codes, including the private ``99LUNGNODE`` scheme, are in :mod:`node.stages.reports.codes`.
 """
 
 from __future__ import annotations
@@ -26,10 +26,10 @@ from model.prediction import Prediction
 from model.quantify import Quantification
 from model.volume import CTVolume
 from node.errors import ReportError
-from node.reports.seg import build_segmentation
-from node.reports.source import clean_headers
-from node.reports.sr import build_sr
-from node.reports.summary import build_summary
+from node.stages.reports.seg import build_segmentation
+from node.stages.reports.source import clean_headers
+from node.stages.reports.sr import build_sr
+from node.stages.reports.summary import build_summary
 
 __all__ = ["MANUFACTURER", "ReportContext", "ResultObjects", "build_reports"]
 
