@@ -272,7 +272,7 @@ class StoreSCP:
         self._proc = subprocess.Popen(cmd, env=env_for(self.tcp_nodelay), stdout=self._log,
                                       stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         try:
-            wait_for(self._up, 20, 0.05, f"storescp to listen on port {self.port}")
+            wait_for(self._up, 60, 0.05, f"storescp to listen on port {self.port}")
         except BaseException:
             self._shutdown()
             raise
@@ -307,7 +307,7 @@ class StoreSCP:
         if self._done is not None:
             # storescp runs the marker command in a child; one started just before the stop can
             # outlive storescp and write its marker while the folder is being removed: try again
-            wait_for(self._remove_markers, 2.5, 0.05, "storescp's marker folder to be removed")
+            wait_for(self._remove_markers, 60, 0.05, "storescp's marker folder to be removed")
         self._done = None
 
     def _remove_markers(self) -> bool:

@@ -199,10 +199,10 @@ class Orthanc:
                                       stdout=self._log, stderr=subprocess.STDOUT,
                                       stdin=subprocess.DEVNULL)
         try:
-            wait_for(self._ready, 30, 0.05, "Orthanc to answer on its REST port")
+            wait_for(self._ready, 90, 0.05, "Orthanc to answer on its REST port")
         except TimeoutError as exc:
             self._shutdown()
-            raise PeerError(f"Orthanc did not answer on port {self.http_port} within 30 s; "
+            raise PeerError(f"Orthanc did not answer on port {self.http_port} within 90 s; "
                             f"its log ends with:\n{self.log_tail()}") from exc
         except BaseException:
             self._shutdown()

@@ -4,7 +4,6 @@ nothing received is lost, and no result is sent."""
 from __future__ import annotations
 
 import subprocess
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from node.errors import AnonymizationError
 from node.service import Node
 from node.settings import Settings
 from tests.conftest import B40F
+from tests.dcmtk import wait_for
 from tests.peers import free_port, storescu
 
 
@@ -49,16 +49,22 @@ def _copy(tmp_path: Path, name: str, edit: Callable[[int, pydicom.Dataset], None
     return out
 
 
-def _final(node: Node, timeout: float = 90) -> Study:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
+def _final(node: Node, timeout: float = 120) -> Study:
+    def ended() -> Study | None:
         with node.sessions() as s:
             study = s.scalars(select(Study)).first()
-            if study is not None and study.state in (StudyState.COMPLETE, StudyState.REJECTED,
-                                                     StudyState.FAILED):
-                return study
-        time.sleep(0.2)
-    raise AssertionError("the study did not reach an end state")
+        if study is not None and study.state in (StudyState.COMPLETE, StudyState.REJECTED,
+                                                 StudyState.FAILED):
+            return study
+        return None
+
+    return wait_for(ended, timeout, 0.2, "the study to reach an end state")
+
+
+def _count(node: Node, table: type) -> int:
+    """Rows of ``table``, read in a fresh session (what another process has committed)."""
+    with node.sessions() as s:
+        return s.scalar(select(func.count()).select_from(table)) or 0
 
 
 def _send(node: Node, folder: Path, extra: tuple[str, ...] = ()) -> None:
@@ -119,13 +125,8 @@ def test_results_first_then_the_de_identified_archive(node: Node, tmp_path: Path
     _send(node, _copy(tmp_path, "good", lambda i, ds: None))
     study = _final(node)
     assert study.state == StudyState.COMPLETE, study.reason
-    deadline = time.monotonic() + 60  # the archive follows the committed results
-    while time.monotonic() < deadline:
-        with node.sessions() as s:
-            mapped = s.scalar(select(func.count()).select_from(UidMapping))
-        if mapped:
-            break
-        time.sleep(0.2)
+    # the archive follows the committed results
+    wait_for(lambda: _count(node, UidMapping), 60, 0.2, "the archive's UID mapping")
     with node.sessions() as s:
         assert s.scalar(select(func.count()).select_from(ResultObject)) == 3
         new_study = s.scalar(select(UidMapping.anonymized_uid).where(
@@ -148,13 +149,12 @@ def test_a_failing_archive_keeps_the_results_and_says_why(node: Node, tmp_path: 
     _send(node, _copy(tmp_path, "good", lambda i, ds: None))
     study = _final(node)
     assert study.state == StudyState.COMPLETE, study.reason
-    deadline = time.monotonic() + 60
-    entry = None
-    while entry is None and time.monotonic() < deadline:
+    def archive_failed() -> AuditEntry | None:
         with node.sessions() as s:
-            entry = s.scalars(select(AuditEntry).where(AuditEntry.action == "archive-failed")).first()
-        time.sleep(0.2)
-    assert entry is not None and "archive disk is read-only" in (entry.detail or "")
+            return s.scalars(select(AuditEntry).where(AuditEntry.action == "archive-failed")).first()
+
+    entry = wait_for(archive_failed, 60, 0.2, "the archive-failed audit entry")
+    assert "archive disk is read-only" in (entry.detail or "")
     assert "lungnode retry" in (entry.detail or "")
     with node.sessions() as s:
         assert s.scalar(select(func.count()).select_from(ResultObject)) == 3
@@ -184,13 +184,7 @@ def test_an_archive_left_out_by_a_stop_is_written_by_the_next_start(
     second = Node(settings)
     second.start()
     try:
-        deadline = time.monotonic() + 60
-        mapped = 0
-        while not mapped and time.monotonic() < deadline:
-            with second.sessions() as s:
-                mapped = s.scalar(select(func.count()).select_from(UidMapping)) or 0
-            time.sleep(0.2)
-        assert mapped > 0
+        wait_for(lambda: _count(second, UidMapping), 60, 0.2, "the archive written by the next start")
         assert len(list(settings.archive_root.rglob("*.dcm"))) == 30
     finally:
         second.stop()
@@ -213,11 +207,11 @@ def test_warm_up_analyses_a_synthetic_study_and_leaves_nothing(
     n = Node(settings, warm_up_study=warm_up_study)  # what `lungnode serve` passes
     n.start()
     try:
-        deadline = time.monotonic() + 120
-        while "warm-up analysis done" not in caplog.text and time.monotonic() < deadline:
+        def warmed_up() -> bool:
             assert "warm-up analysis failed" not in caplog.text, caplog.text
-            time.sleep(0.2)
-        assert "warm-up analysis done" in caplog.text
+            return "warm-up analysis done" in caplog.text
+
+        wait_for(warmed_up, 180, 0.2, "the warm-up analysis")
         with n.sessions() as s:
             assert s.scalar(select(func.count()).select_from(Study)) == 0
             assert s.scalar(select(func.count()).select_from(ResultObject)) == 0
