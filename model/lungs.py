@@ -38,14 +38,7 @@ Known limits (``benchmarks/bench_accuracy.py`` measures them): consolidation
 against the mediastinum or filling the paravertebral gutter has no air beside
 it to bridge and is left out, so the measured involvement reads low above
 about 35 % involvement; so is a basal crescent that is dense over its whole
-depth.  Rules that filled the gutter from the rib cage (tissue enclosed by the
-lung, the ribs and the spine) were tried and dropped: on the real study they
-took in the descending aorta, the azygo-oesophageal recess and axillary
-muscle; so were growing into tissue of consolidation-like HU and a closing
-along z (they took in heart, hilum and upper abdomen on the real study), and
-a U-Net trained on phantoms, which meets the accuracy floors on phantoms but
-takes in the table, spleen and chest wall of the real study and needs
-seconds of CPU (``benchmarks/RESULTS.md``, sixth session).
+depth.  The alternatives measured and not kept are in ``benchmarks/RESULTS.md``.
 """
 
 from __future__ import annotations
