@@ -127,7 +127,7 @@ class AnalysisSettings(_Section):
     normal_below_percent: float = Field(1.0, ge=0)
     """Percentage of opacity under which a study counts as CT-0."""
     anonymize: bool = True
-    """Write the de-identified archive copy before analysis."""
+    """Write the de-identified archive copy of each analysed series (after its results are committed)."""
     buffer_pool_mb: int = Field(1536, ge=0)
     """Volume-sized arrays kept for the next study (:mod:`model.buffers`); 0: none kept."""
 
