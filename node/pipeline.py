@@ -61,6 +61,7 @@ __all__ = [
     "NodeContext",
     "Predictor",
     "analyse",
+    "archive_series",
     "report",
     "run_job",
     "selection_rules",
@@ -293,7 +294,7 @@ def run_job(ctx: NodeContext, claimed: ClaimedJob) -> StudyState:
             except Exception:  # noqa: BLE001 - the results are committed; the outbox tick sends them
                 logger.exception("job %d: could not start the delivery at once", claimed.job_id)
         if state == StudyState.COMPLETE and s.analysis.anonymize:
-            _archive(ctx, claimed.study_id, f"job {claimed.job_id}", selected, uid_map)
+            archive_series(ctx, claimed.study_id, f"job {claimed.job_id}", selected, uid_map)
         return state
     except SelectionError as exc:
         with ctx.sessions() as session:
@@ -334,7 +335,7 @@ def _record_selection(ctx: NodeContext, claimed: ClaimedJob, selected: SelectedS
         session.commit()
 
 
-def _archive(ctx: NodeContext, study_id: int, label: str, selected: SelectedSeries,
+def archive_series(ctx: NodeContext, study_id: int, label: str, selected: SelectedSeries,
              uid_map: dict[str, str]) -> bool:
     """The de-identified copy of the analysed series, after the results are committed.
 
@@ -383,7 +384,7 @@ def archive_pending(ctx: NodeContext) -> int:
         if not paths:
             continue
         selected = SelectedSeries(study_uid, str(series_uid), paths, "archive after a stop")
-        if _archive(ctx, study_id, f"study {study_id}", selected, {}):
+        if archive_series(ctx, study_id, f"study {study_id}", selected, {}):
             logger.info("study %d: de-identified archive written after a stop", study_id)
             written += 1
     return written

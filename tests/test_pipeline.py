@@ -169,8 +169,8 @@ def test_an_archive_left_out_by_a_stop_is_written_by_the_next_start(
     settings = make_settings(f"sqlite:///{tmp_path / 'n.db'}", port=free_port(),
                              peers=[{"name": "ct", "ae_title": "STORESCU", "host": "127.0.0.1",
                                      "port": 104}])
-    real_archive = pipeline._archive
-    monkeypatch.setattr(pipeline, "_archive", lambda *a, **k: False)  # the worker "stops" right here
+    real_archive = pipeline.archive_series
+    monkeypatch.setattr(pipeline, "archive_series", lambda *a, **k: False)  # the worker "stops" right here
     first = Node(settings)
     first.start()
     try:
@@ -180,7 +180,7 @@ def test_an_archive_left_out_by_a_stop_is_written_by_the_next_start(
         first.stop()
     with first.sessions() as s:
         assert s.scalar(select(func.count()).select_from(UidMapping)) == 0
-    monkeypatch.setattr(pipeline, "_archive", real_archive)
+    monkeypatch.setattr(pipeline, "archive_series", real_archive)
     second = Node(settings)
     second.start()
     try:
