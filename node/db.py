@@ -97,6 +97,8 @@ class StudyState(enum.StrEnum):
 
 
 class JobState(enum.StrEnum):
+    """Where an analysis job is; changed only by :func:`node.work.state.transition_job`."""
+
     QUEUED = "queued"
     RUNNING = "running"
     DONE = "done"
@@ -104,6 +106,8 @@ class JobState(enum.StrEnum):
 
 
 class DeliveryState(enum.StrEnum):
+    """Where a delivery is; changed only by :func:`node.work.state.transition_delivery`."""
+
     PENDING = "pending"
     SENDING = "sending"
     SENT = "sent"

@@ -51,8 +51,9 @@ from node.settings import AnalysisSettings, SelectionSettings, Settings
 from node.stages.anonymize import anonymize
 from node.stages.reports import ReportContext, ResultObjects, build_reports
 from node.stages.selection import SelectionRules, select_series
+from node.work.claim import for_update
 from node.work.jobs import ClaimedJob, finish_job_failed, renew_lease
-from node.work.state import transition
+from node.work.state import transition, transition_job
 
 __all__ = [
     "ALGORITHM_NAME",
@@ -407,9 +408,7 @@ def _commit_results(ctx: NodeContext, claimed: ClaimedJob, version: int, objects
     """Record results, outbox rows and the end state in one transaction."""
     with ctx.sessions() as session:
         stmt = select(Job).where(Job.id == claimed.job_id)
-        if session.get_bind().dialect.name == "postgresql":
-            stmt = stmt.with_for_update()
-        job = session.scalars(stmt).one()
+        job = session.scalars(for_update(session, stmt, skip_locked=False)).one()
         if job.state != JobState.RUNNING or job.lease_owner != ctx.owner:
             session.rollback()
             logger.warning("job %d: lease lost before commit; results discarded", claimed.job_id)
@@ -429,7 +428,7 @@ def _commit_results(ctx: NodeContext, claimed: ClaimedJob, version: int, objects
             for dest in destinations:
                 session.add(Delivery(result_object_id=obj.id, destination=dest))
         now = utcnow()
-        job.state = JobState.DONE
+        transition_job(job, JobState.DONE)
         job.finished_at = now
         job.lease_owner = None
         study.result_version = version

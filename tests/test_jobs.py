@@ -13,6 +13,7 @@ from node.db import AuditEntry, Job, JobState, Study, StudyState, make_engine, m
 from node.dicom.catalog import Catalog, InstanceRecord
 from node.errors import IllegalTransition
 from node.migrate import upgrade
+from node.work.claim import for_update
 from node.work.jobs import (
     MAX_JOB_ATTEMPTS,
     claim_job,
@@ -23,7 +24,7 @@ from node.work.jobs import (
     release_orphaned_leases,
     renew_lease,
 )
-from node.work.state import transition
+from node.work.state import JOB_TRANSITIONS, transition, transition_job
 
 
 @pytest.fixture
@@ -196,6 +197,59 @@ def test_illegal_transition_is_refused(sessions: sessionmaker[Session]) -> None:
         transition(s, study, StudyState.QUEUED, reason="test")
         s.commit()
         assert s.scalars(select(AuditEntry).where(AuditEntry.action == "state:queued")).one()
+
+
+JOB_LEGAL = {
+    (JobState.QUEUED, JobState.RUNNING),
+    (JobState.RUNNING, JobState.RUNNING),
+    (JobState.RUNNING, JobState.DONE),
+    (JobState.RUNNING, JobState.FAILED),
+}
+
+
+@pytest.mark.parametrize("old", list(JobState))
+@pytest.mark.parametrize("new", list(JobState))
+def test_job_transition_table(old: JobState, new: JobState) -> None:
+    """Only the changes the job table lists are made; every other one is refused unchanged."""
+    assert ((old, new) in JOB_LEGAL) == (new in JOB_TRANSITIONS[old])
+    job = Job(id=7, study_id=1, state=old)
+    if (old, new) in JOB_LEGAL:
+        transition_job(job, new)
+        assert job.state == new
+    else:
+        with pytest.raises(IllegalTransition, match=f"job 7: {old.value} -> {new.value}"):
+            transition_job(job, new)
+        assert job.state == old
+
+
+def test_a_finished_job_is_not_claimed_or_ended_again(sessions: sessionmaker[Session]) -> None:
+    _receive(sessions, "1.2.11", 1, when=utcnow() - timedelta(seconds=60))
+    with sessions() as s:
+        queue_stable_studies(s, 1)
+        c = claim_job(s, "me", 600)
+    assert c is not None
+    with sessions() as s:
+        assert finish_job_failed(s, c.job_id, "me", "no analysable series", StudyState.REJECTED)
+    with sessions() as s:
+        job = s.get_one(Job, c.job_id)
+        assert job.state == JobState.DONE
+        assert claim_job(s, "me", 600, now=utcnow() + timedelta(days=1)) is None
+        with pytest.raises(IllegalTransition, match="done -> running"):
+            transition_job(job, JobState.RUNNING)
+
+
+def test_claims_skip_locked_rows_on_postgresql_only(sessions: sessionmaker[Session],
+                                                    db_url: str) -> None:
+    """PostgreSQL gets FOR UPDATE (SKIP LOCKED for a queue scan); SQLite relies on BEGIN IMMEDIATE."""
+    with sessions() as s:
+        scan = str(for_update(s, select(Job)).compile(s.get_bind()))
+        one = str(for_update(s, select(Job).where(Job.id == 1), skip_locked=False)
+                  .compile(s.get_bind()))
+    if db_url.startswith("postgresql"):
+        assert scan.endswith("FOR UPDATE SKIP LOCKED")
+        assert one.endswith("FOR UPDATE")
+    else:
+        assert "FOR UPDATE" not in scan and "FOR UPDATE" not in one
 
 
 @pytest.mark.postgres

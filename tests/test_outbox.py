@@ -6,16 +6,14 @@ import shutil
 import subprocess
 import time
 from datetime import timedelta
-from io import BytesIO
 from pathlib import Path
 
 import pydicom
 import pytest
 from pydicom.errors import InvalidDicomError
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
-from pynetdicom.dimse_messages import C_STORE_RQ
 from pynetdicom.dimse_primitives import C_STORE
-from pynetdicom.dsutils import encode, split_dataset
+from pynetdicom.dsutils import split_dataset
 from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
@@ -30,11 +28,12 @@ from node.db import (
     make_session_factory,
     utcnow,
 )
-from node.dicom.scu import _DirectStore, c_store_command, read_stored_file, send_files
-from node.errors import DeliveryError
+from node.dicom.scu import read_stored_file, send_files
+from node.errors import DeliveryError, IllegalTransition
 from node.migrate import upgrade
 from node.settings import DeliverySettings, DicomSettings, Peer
 from node.work.outbox import backoff, deliver_due, retry_delivery
+from node.work.state import DELIVERY_TRANSITIONS, transition_delivery
 from tests.conftest import B40F
 from tests.peers import Orthanc, StoreSCP, free_port
 
@@ -133,13 +132,40 @@ def test_refusing_destination_goes_dead_and_retry_requeues(outbox, tmp_path: Pat
         retry_delivery(s, ids[0], actor="test")
 
 
+
+DELIVERY_LEGAL = {
+    (DeliveryState.PENDING, DeliveryState.SENDING),
+    (DeliveryState.PENDING, DeliveryState.PENDING),
+    (DeliveryState.SENDING, DeliveryState.SENT),
+    (DeliveryState.SENDING, DeliveryState.PENDING),
+    (DeliveryState.SENDING, DeliveryState.DEAD),
+    (DeliveryState.SENDING, DeliveryState.SENDING),
+    (DeliveryState.DEAD, DeliveryState.PENDING),
+}
+
+
+@pytest.mark.parametrize("old", list(DeliveryState))
+@pytest.mark.parametrize("new", list(DeliveryState))
+def test_delivery_transition_table(old: DeliveryState, new: DeliveryState) -> None:
+    """Only the changes the delivery table lists are made; every other one is refused unchanged."""
+    assert ((old, new) in DELIVERY_LEGAL) == (new in DELIVERY_TRANSITIONS[old])
+    d = Delivery(id=5, result_object_id=1, destination="pacs", state=old)
+    if (old, new) in DELIVERY_LEGAL:
+        transition_delivery(d, new)
+        assert d.state == new
+    else:
+        with pytest.raises(IllegalTransition,
+                           match=f"delivery 5 to pacs: {old.value} -> {new.value}"):
+            transition_delivery(d, new)
+        assert d.state == old
+
 # -- the C-STORE SCU (send_files) ---------------------------------------------------------------
 
 def _dataset_bytes(path: Path) -> bytes:
     """The data set of a Part 10 file as stored: what a C-STORE carries."""
-    f = read_stored_file(path)
+    _, offset = split_dataset(path)
     with open(path, "rb") as fh:
-        fh.seek(f.offset)
+        fh.seek(offset)
         return fh.read()
 
 
@@ -181,38 +207,13 @@ def many_syntaxes(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
 def test_read_stored_file_agrees_with_pydicom(many_syntaxes: list[Path], tmp_path: Path) -> None:
     for path in many_syntaxes:
         f = read_stored_file(path)
-        meta, offset = split_dataset(path)
-        assert (f.sop_class_uid, f.sop_instance_uid, f.transfer_syntax_uid, f.offset) == (
-            meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID,
-            meta.TransferSyntaxUID, offset)
-        assert f.offset + f.length == path.stat().st_size
-    # no (0002,0000) group length: still read (the hand parser stops at group 0008)
-    ds = pydicom.dcmread(many_syntaxes[0])
-    raw = bytearray(many_syntaxes[0].read_bytes())
-    glen = 12 + int.from_bytes(raw[140:144], "little")
-    no_glen = tmp_path / "no-group-length.dcm"
-    no_glen.write_bytes(bytes(raw[:132]) + bytes(raw[144:]))
-    f = read_stored_file(no_glen)
-    assert (f.sop_instance_uid, f.offset) == (ds.SOPInstanceUID, glen + 132 - 12)
+        meta, _ = split_dataset(path)
+        assert (f.sop_class_uid, f.sop_instance_uid, f.transfer_syntax_uid) == (
+            meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID, meta.TransferSyntaxUID)
     not_dicom = tmp_path / "notes.txt"
     not_dicom.write_text("not DICOM" * 100)
     with pytest.raises(InvalidDicomError):
         read_stored_file(not_dicom)
-    meta_only = tmp_path / "meta-only.dcm"
-    meta_only.write_bytes(bytes(raw[:132 + glen]))
-    with pytest.raises(InvalidDicomError, match="no data set"):
-        read_stored_file(meta_only)
-
-
-def test_command_set_is_what_pynetdicom_encodes() -> None:
-    sop_class, sop_instance = "1.2.840.10008.5.1.4.1.1.2", "1.2.3.45"  # odd: padded with NUL
-    req = C_STORE()
-    req.MessageID, req.Priority = 65535, 2
-    req.AffectedSOPClassUID, req.AffectedSOPInstanceUID = sop_class, sop_instance
-    req.DataSet = BytesIO(b"\x00" * 8)
-    msg = C_STORE_RQ()
-    msg.primitive_to_message(req)
-    assert c_store_command(sop_class, sop_instance, 65535) == encode(msg.command_set, True, True)
 
 
 @pytest.mark.parametrize("max_pdu", [4096, 131072])
@@ -309,17 +310,6 @@ def test_no_response_aborts_and_the_rest_is_not_sent() -> None:
         assert [r[2] for r in results[1:]] == ["association ended before this file"] * 2
     finally:
         scp.server.shutdown()
-
-
-def test_pynetdicom_send_is_the_fallback(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """Where the direct path cannot be used (TLS, other pynetdicom internals), the library sends."""
-    monkeypatch.setattr(_DirectStore, "usable", staticmethod(lambda assoc: False))
-    files = sorted(B40F.iterdir())[:2]
-    with StoreSCP(tmp_path / "received", aet="RECEIVER") as scp:
-        peer = Peer(name="pacs", ae_title="RECEIVER", host="127.0.0.1", port=scp.port)
-        results = send_files(files, peer, DicomSettings(ae_title="LUNGNODE"))
-        assert [r[1] for r in results] == [0, 0]
-        assert len(scp.wait_for_files(2)) == 2
 
 
 def test_a_series_into_orthanc(tmp_path: Path) -> None:

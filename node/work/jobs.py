@@ -1,9 +1,8 @@
 """The job queue in the database: stable studies become jobs, workers claim them.
 
-Claims are atomic: ``SELECT ... FOR UPDATE SKIP LOCKED`` on PostgreSQL (two
-workers never take the same row), and on SQLite every transaction starts with
-``BEGIN IMMEDIATE`` (see :func:`node.db.make_engine`), so the select-and-update
-runs under the single writer lock.  A claim is a lease: a worker renews it
+Claims are atomic (:func:`node.work.claim.for_update`: ``SELECT ... FOR UPDATE
+SKIP LOCKED`` on PostgreSQL, the single writer lock on SQLite), and every change
+of a job's state goes through :func:`node.work.state.transition_job`.  A claim is a lease: a worker renews it
 while it works; a job whose lease expired (its worker died) is claimed again.
 """
 
@@ -20,7 +19,8 @@ from sqlalchemy import func, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from node.db import Delivery, DeliveryState, Job, JobState, Study, StudyState, utcnow
-from node.work.state import transition
+from node.work.claim import for_update
+from node.work.state import transition, transition_job
 
 __all__ = [
     "ClaimedJob",
@@ -64,12 +64,6 @@ class ClaimedJob:
     attempt: int
 
 
-def _for_update(session: Session, stmt):  # type: ignore[no-untyped-def]
-    if session.get_bind().dialect.name == "postgresql":
-        return stmt.with_for_update(skip_locked=True)
-    return stmt
-
-
 _WAITING = (
     Study.instance_count > Study.analysed_instance_count,
     Study.state.in_([StudyState.RECEIVING, StudyState.COMPLETE, StudyState.REJECTED, StudyState.FAILED]),
@@ -99,7 +93,7 @@ def queue_stable_studies(session: Session, stable_seconds: float,
     cutoff = now - timedelta(seconds=stable_seconds)
     stmt = select(Study).where(*_WAITING, Study.last_received_at <= cutoff).order_by(Study.last_received_at)
     queued = []
-    for study in session.scalars(_for_update(session, stmt)).all():
+    for study in session.scalars(for_update(session, stmt)).all():
         transition(session, study, StudyState.QUEUED,
                    reason=f"stable: no instance for {stable_seconds:g} s", actor="scheduler")
         session.add(Job(study_id=study.id, instance_count=study.instance_count, created_at=now))
@@ -117,7 +111,7 @@ def claim_job(session: Session, owner: str, lease_seconds: float,
         (Job.state == JobState.RUNNING) & (Job.lease_expires_at < now),
     )).order_by(Job.id).limit(1)
     while True:
-        job = session.scalars(_for_update(session, stmt)).first()
+        job = session.scalars(for_update(session, stmt)).first()
         if job is None:
             session.commit()
             return None
@@ -128,7 +122,7 @@ def claim_job(session: Session, owner: str, lease_seconds: float,
             _fail(session, job, study, msg, now)
             session.commit()
             continue
-        job.state = JobState.RUNNING
+        transition_job(job, JobState.RUNNING)
         job.lease_owner = owner
         job.lease_expires_at = now + timedelta(seconds=lease_seconds)
         job.attempts += 1
@@ -143,7 +137,7 @@ def claim_job(session: Session, owner: str, lease_seconds: float,
 
 
 def _fail(session: Session, job: Job, study: Study, message: str, now: datetime) -> None:
-    job.state = JobState.FAILED
+    transition_job(job, JobState.FAILED)
     job.error = message
     job.finished_at = now
     job.lease_owner = None
@@ -156,13 +150,14 @@ def finish_job_failed(session: Session, job_id: int, owner: str, message: str,
 
     Returns ``False`` (and changes nothing) when this worker no longer holds the lease.
     """
-    job = session.scalars(_for_update(session, select(Job).where(Job.id == job_id))).one()
+    job = session.scalars(for_update(session, select(Job).where(Job.id == job_id),
+                                     skip_locked=False)).one()
     if job.state != JobState.RUNNING or job.lease_owner != owner:
         session.rollback()
         return False
     study = session.get_one(Study, job.study_id)
     now = utcnow()
-    job.state = JobState.FAILED if state == StudyState.FAILED else JobState.DONE
+    transition_job(job, JobState.FAILED if state == StudyState.FAILED else JobState.DONE)
     job.error = message
     job.finished_at = now
     job.lease_owner = None

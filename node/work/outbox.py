@@ -10,7 +10,9 @@ peer's acknowledgement and that commit, the object is sent again after the
 restart; the receiving PACS sees the same SOP Instance UID and keeps one copy.)
 
 The files are sent by :func:`node.dicom.scu.send_files` (as stored, without
-decoding them).
+decoding them).  Rows are claimed with :func:`node.work.claim.for_update`, like
+jobs, and every change of a row's state goes through
+:func:`node.work.state.transition_delivery`.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ from node.db import AuditEntry, Delivery, DeliveryState, ResultObject, utcnow
 from node.dicom.scu import send_files
 from node.errors import DeliveryError
 from node.settings import DeliverySettings, DicomSettings, Peer
+from node.work.claim import for_update
+from node.work.state import transition_delivery
 
 __all__ = ["DeliveryOutcome", "backoff", "deliver_due", "retry_delivery"]
 
@@ -61,12 +65,10 @@ def deliver_due(sessions: sessionmaker[Session], storage_root: Path, peers: dict
             (Delivery.state == DeliveryState.PENDING) & (Delivery.next_attempt_at <= now),
             (Delivery.state == DeliveryState.SENDING) & (Delivery.lease_expires_at < now),
         )).order_by(Delivery.id).limit(500)
-        if session.get_bind().dialect.name == "postgresql":
-            stmt = stmt.with_for_update(skip_locked=True)
-        rows = session.scalars(stmt).all()
+        rows = session.scalars(for_update(session, stmt)).all()
         batch: dict[str, list[tuple[int, Path]]] = defaultdict(list)
         for d in rows:
-            d.state = DeliveryState.SENDING
+            transition_delivery(d, DeliveryState.SENDING)
             d.lease_owner = owner
             d.lease_expires_at = now + timedelta(seconds=lease_seconds)
             obj = session.get_one(ResultObject, d.result_object_id)
@@ -94,7 +96,7 @@ def deliver_due(sessions: sessionmaker[Session], storage_root: Path, peers: dict
                 d.lease_owner = None
                 d.attempts += 1
                 if _ok(status):
-                    d.state = DeliveryState.SENT
+                    transition_delivery(d, DeliveryState.SENT)
                     d.sent_at = utcnow()
                     d.last_error = None
                     sent += 1
@@ -102,7 +104,7 @@ def deliver_due(sessions: sessionmaker[Session], storage_root: Path, peers: dict
                 err = msg if status is None else f"status 0x{status:04X} {msg}".strip()
                 d.last_error = err
                 if d.attempts >= settings.max_attempts:
-                    d.state = DeliveryState.DEAD
+                    transition_delivery(d, DeliveryState.DEAD)
                     dead += 1
                     session.add(AuditEntry(
                         actor="outbox", action="delivery-dead",
@@ -112,7 +114,7 @@ def deliver_due(sessions: sessionmaker[Session], storage_root: Path, peers: dict
                     logger.error("delivery %d to %s dead after %d attempts: %s", d.id,
                                  d.destination, d.attempts, err)
                 else:
-                    d.state = DeliveryState.PENDING
+                    transition_delivery(d, DeliveryState.PENDING)
                     d.next_attempt_at = utcnow() + timedelta(seconds=backoff(d.attempts, settings))
                     failed += 1
                     logger.warning("delivery %d to %s failed (attempt %d): %s", d.id,
@@ -128,7 +130,7 @@ def retry_delivery(session: Session, delivery_id: int, actor: str) -> Delivery:
         raise DeliveryError(f"no delivery with id {delivery_id}; see `lungnode deliveries`")
     if d.state == DeliveryState.SENT:
         raise DeliveryError(f"delivery {delivery_id} was already sent at {d.sent_at}")
-    d.state = DeliveryState.PENDING
+    transition_delivery(d, DeliveryState.PENDING)
     d.attempts = 0
     d.next_attempt_at = utcnow()
     d.lease_owner = None

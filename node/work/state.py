@@ -1,4 +1,10 @@
-"""The study state table and the one function that changes a study's state."""
+"""The state tables of studies, jobs and deliveries, and the functions that change them.
+
+Each table maps a state to the states it may move to; one function per kind of
+row performs every change of its state and refuses any change the table does
+not list, so a bug shows as :class:`~node.errors.IllegalTransition` instead of
+a row in a state nothing expects.
+"""
 
 from __future__ import annotations
 
@@ -6,10 +12,17 @@ import logging
 
 from sqlalchemy.orm import Session
 
-from node.db import AuditEntry, Study, StudyState
+from node.db import AuditEntry, Delivery, DeliveryState, Job, JobState, Study, StudyState
 from node.errors import IllegalTransition
 
-__all__ = ["TRANSITIONS", "transition"]
+__all__ = [
+    "DELIVERY_TRANSITIONS",
+    "JOB_TRANSITIONS",
+    "TRANSITIONS",
+    "transition",
+    "transition_delivery",
+    "transition_job",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -52,3 +65,65 @@ def transition(
                            detail=f"{old.value} -> {new.value}" + (f": {reason}" if reason else "")))
     logger.info("study %s (id %s): %s -> %s", study.study_instance_uid, study.id, old.value,
                 new.value)
+
+
+J = JobState
+
+JOB_TRANSITIONS: dict[JobState, frozenset[JobState]] = {
+    # a worker claimed the job
+    J.QUEUED: frozenset({J.RUNNING}),
+    # results committed or nothing to analyse (done), an error or too many attempts
+    # (failed), or its lease expired and another worker claimed it again (running)
+    J.RUNNING: frozenset({J.DONE, J.FAILED, J.RUNNING}),
+    # a job ends once; a new analysis of the study is a new job
+    J.DONE: frozenset(),
+    J.FAILED: frozenset(),
+}
+
+
+def transition_job(job: Job, new: JobState) -> None:
+    """Move ``job`` to ``new``; the caller sets the other columns and commits.
+
+    Raises
+    ------
+    IllegalTransition
+        :data:`JOB_TRANSITIONS` does not allow the change.
+    """
+    old = job.state
+    if new not in JOB_TRANSITIONS[old]:
+        raise IllegalTransition(f"job {job.id}: {old.value} -> {new.value} is not allowed")
+    job.state = new
+    logger.debug("job %s (study id %s): %s -> %s", job.id, job.study_id, old.value, new.value)
+
+
+D = DeliveryState
+
+DELIVERY_TRANSITIONS: dict[DeliveryState, frozenset[DeliveryState]] = {
+    # a sender claimed the row, or an administrator asked for an attempt now
+    D.PENDING: frozenset({D.SENDING, D.PENDING}),
+    # acknowledged (sent), failed and rescheduled (pending), out of attempts (dead),
+    # or the sender's lease expired and another sender claimed it again (sending)
+    D.SENDING: frozenset({D.SENT, D.PENDING, D.DEAD, D.SENDING}),
+    # the peer has the object; sending it again is never needed
+    D.SENT: frozenset(),
+    # an administrator re-queued it (`lungnode deliveries retry ID`)
+    D.DEAD: frozenset({D.PENDING}),
+}
+
+
+def transition_delivery(delivery: Delivery, new: DeliveryState) -> None:
+    """Move ``delivery`` to ``new``; the caller sets the other columns and commits.
+
+    Raises
+    ------
+    IllegalTransition
+        :data:`DELIVERY_TRANSITIONS` does not allow the change.
+    """
+    old = delivery.state
+    if new not in DELIVERY_TRANSITIONS[old]:
+        raise IllegalTransition(
+            f"delivery {delivery.id} to {delivery.destination}: {old.value} -> {new.value} "
+            "is not allowed")
+    delivery.state = new
+    logger.debug("delivery %s to %s: %s -> %s", delivery.id, delivery.destination, old.value,
+                 new.value)
