@@ -30,20 +30,30 @@ from node.records import StoredInstance, StoredStudy
 from node.settings import Settings, load_settings
 
 app = typer.Typer(help="lungnode: DICOM analysis node for chest CT.", no_args_is_help=True,
-                  pretty_exceptions_enable=False)
-deliveries_app = typer.Typer(help="Result deliveries (the outbox).", invoke_without_command=True)
-db_app = typer.Typer(help="Database schema.")
-config_app = typer.Typer(help="Configuration.")
+                  pretty_exceptions_enable=False, rich_markup_mode=None)
+deliveries_app = typer.Typer(help="Result deliveries (the outbox).", invoke_without_command=True,
+                             rich_markup_mode=None)
+db_app = typer.Typer(help="Database schema.", rich_markup_mode=None)
+config_app = typer.Typer(help="Configuration.", rich_markup_mode=None)
 app.add_typer(deliveries_app, name="deliveries")
 app.add_typer(db_app, name="db")
 app.add_typer(config_app, name="config")
 
-console = Console()
-err_console = Console(stderr=True)
+console = Console(soft_wrap=True)
+err_console = Console(stderr=True, soft_wrap=True)
 logger = logging.getLogger("lungnode")
 
 ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="TOML configuration file "
                                                 "(default $LUNGNODE_CONFIG or config/lungnode.toml)")]
+
+
+def _error(message: str) -> None:
+    """Print ``message`` in red on stderr exactly as written.
+
+    Rich markup is off: the node's messages name configuration sections such as
+    ``[dicom]`` and ``[[peers]]``, which markup would swallow as style tags.
+    """
+    err_console.print(message, style="red", markup=False, highlight=False)
 
 
 class _State:
@@ -59,7 +69,7 @@ def _settings() -> Settings:
         try:
             _state.settings = load_settings(_state.config)
         except ConfigError as exc:
-            err_console.print(f"[red]configuration error:[/red] {exc}")
+            _error(f"configuration error: {exc}")
             raise typer.Exit(2) from exc
         logging.basicConfig(level=_state.settings.log_level.upper(),
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -93,8 +103,8 @@ def _load_predictor(s: Settings):  # type: ignore[no-untyped-def]
         engine = InferenceEngine.from_registry(s.model.name, s.model.registry, device=s.model.device,
                                                tta=s.model.tta)
     except ModelError as exc:
-        err_console.print(f"[red]severity model: {exc}[/red]\n"
-                          "Fix [model] in the configuration, or set enabled = false to run without it.")
+        _error(f"severity model: {exc}\n"
+               "Fix [model] in the configuration, or set enabled = false to run without it.")
         raise typer.Exit(2) from exc
     # torch leaves some 200 000 long-lived objects; the cyclic garbage collector would walk
     # them again and again during every analysis (about 0.5 s of a 600-slice load)
@@ -125,18 +135,15 @@ def serve(config: ConfigOpt = None) -> None:
     node = Node(s, _load_predictor(s), warm_up_study=warm_up_study)
     try:
         node.start()
-    except (ConfigError, OSError) as exc:
+    except ConfigError as exc:
         node.stop()
-        err_console.print(f"[red]the node cannot start on {s.dicom.host}:{s.dicom.port}: "
-                          f"{escape(str(exc))}[/red]\n"
-                          "Is another program (another lungnode, a PACS) using the port? Stop it, or "
-                          "change \\[dicom] port or \\[web] port in the configuration.")
+        _error(f"the node cannot start: {exc}")
         raise typer.Exit(2) from exc
     console.print(f"lungnode {s.dicom.ae_title} listening on {s.dicom.host}:{s.dicom.port}; "
                   f"storage {s.storage.root}; database {_safe_url(s.database.url)}")
 
     def _term(signum: int, frame: object) -> None:
-        node._stop.set()
+        node.stopping.set()
 
     signal.signal(signal.SIGTERM, _term)
     signal.signal(signal.SIGINT, _term)
@@ -154,8 +161,8 @@ def worker(config: ConfigOpt = None) -> None:
     s = _settings()
     node = Node(s, _load_predictor(s), receive=False, schedule=False, warm_up_study=warm_up_study)
     node.start()
-    signal.signal(signal.SIGTERM, lambda *_: node._stop.set())
-    signal.signal(signal.SIGINT, lambda *_: node._stop.set())
+    signal.signal(signal.SIGTERM, lambda *_: node.stopping.set())
+    signal.signal(signal.SIGINT, lambda *_: node.stopping.set())
     node.wait()
     node.stop()
 
@@ -175,21 +182,20 @@ def echo(peer: str) -> None:
     try:
         p = s.peer(peer)
     except ConfigError as exc:
-        err_console.print(f"[red]{exc}[/red]")
+        _error(str(exc))
         raise typer.Exit(2) from exc
     ae = AE(ae_title=s.dicom.ae_title)
     ae.add_requested_context("1.2.840.10008.1.1")
     ae.acse_timeout = ae.network_timeout = s.dicom.network_timeout
     assoc = ae.associate(p.host, p.port, ae_title=p.ae_title)
     if not assoc.is_established:
-        err_console.print(f"[red]{peer} ({p.ae_title}@{p.host}:{p.port}) did not accept an "
-                          "association[/red]")
+        _error(f"{peer} ({p.ae_title}@{p.host}:{p.port}) did not accept an association")
         raise typer.Exit(1)
     status = assoc.send_c_echo()
     assoc.release()
     code = int(status.Status) if status and "Status" in status else None
     if code != 0:
-        err_console.print(f"[red]C-ECHO status {code}[/red]")
+        _error(f"C-ECHO status {code}")
         raise typer.Exit(1)
     console.print(f"{peer}: C-ECHO OK")
 
@@ -202,7 +208,7 @@ def _dicom_files(paths: list[Path]) -> list[Path]:
         elif p.is_file():
             files.append(p)
         else:
-            err_console.print(f"[red]{p} does not exist[/red]")
+            _error(f"{p} does not exist")
             raise typer.Exit(2)
     return [f for f in files if pydicom.misc.is_dicom(f)]
 
@@ -216,22 +222,22 @@ def send(paths: list[Path], to: Annotated[str, typer.Option("--to", help="peer n
     try:
         peer = s.peer(to)
     except ConfigError as exc:
-        err_console.print(f"[red]{exc}[/red]")
+        _error(str(exc))
         raise typer.Exit(2) from exc
     files = _dicom_files(paths)
     if not files:
-        err_console.print("[red]no DICOM files found[/red]")
+        _error("no DICOM files found")
         raise typer.Exit(2)
     with Progress(console=err_console) as progress:
         task = progress.add_task(f"sending to {to}", total=len(files))
         try:
             results = send_files(files, peer, s.dicom, lambda: progress.advance(task))
         except DeliveryError as exc:
-            err_console.print(f"[red]{exc}[/red]")
+            _error(str(exc))
             raise typer.Exit(1) from exc
     bad = [(p, st, m) for p, st, m in results if st is None or (st != 0 and not 0xB000 <= st <= 0xBFFF)]
     for p, st, m in bad:
-        err_console.print(f"[red]{p}: {'not sent' if st is None else f'status 0x{st:04X}'} {m}[/red]")
+        _error(f"{p}: {'not sent' if st is None else f'status 0x{st:04X}'} {m}")
     console.print(f"sent {len(results) - len(bad)} of {len(files)} files to {to}")
     if bad:
         raise typer.Exit(1)
@@ -262,7 +268,7 @@ def _find_study(session, ref: str) -> Study:  # type: ignore[no-untyped-def]
         cond = or_(cond, Study.id == int(ref))
     study = session.scalars(select(Study).where(cond)).first()
     if study is None:
-        err_console.print(f"[red]no study {ref!r} (give its id or Study Instance UID)[/red]")
+        _error(f"no study {ref!r} (give its id or Study Instance UID)")
         raise typer.Exit(1)
     return study
 
@@ -273,7 +279,7 @@ def show(study: str) -> None:
     with _sessions()() as session:
         st = _find_study(session, study)
         console.print(f"[bold]study {st.id}[/bold] {st.study_instance_uid}")
-        console.print(f"state: {st.state.value}" + (f" - {st.reason}" if st.reason else ""))
+        console.print(f"state: {st.state.value}" + (f" - {escape(st.reason)}" if st.reason else ""))
         console.print(f"instances: {st.instance_count} (analysed {st.analysed_instance_count}), "
                       f"last received {st.last_received_at:%Y-%m-%d %H:%M:%S} UTC")
         for se in session.scalars(select(Series).where(Series.study_id == st.id)):
@@ -281,7 +287,7 @@ def show(study: str) -> None:
             console.print(f"  series {se.series_instance_uid} {se.modality or ''} "
                           f"{se.instance_count} instances{mark}")
         if st.selection_reason:
-            console.print(f"selection: {st.selection_reason}")
+            console.print(f"selection: {escape(st.selection_reason)}")
         if st.summary:
             console.print_json(st.summary)
         for job in session.scalars(select(Job).where(Job.study_id == st.id).order_by(Job.id)):
@@ -290,11 +296,11 @@ def show(study: str) -> None:
         for obj in session.scalars(select(ResultObject).where(ResultObject.study_id == st.id)
                                    .order_by(ResultObject.id)):
             states = ", ".join(f"{d.destination} {d.state.value}" for d in obj.deliveries)
-            console.print(f"result v{obj.version} {obj.kind} {obj.sop_instance_uid} [{states}]")
+            console.print(f"result v{obj.version} {obj.kind} {obj.sop_instance_uid} \\[{states}]")
         console.print("audit log:")
         for a in session.scalars(select(AuditEntry).where(AuditEntry.study_id == st.id)
                                  .order_by(AuditEntry.id)):
-            console.print(f"  {a.at:%Y-%m-%d %H:%M:%S} {a.actor} {a.action} {a.detail or ''}")
+            console.print(f"  {a.at:%Y-%m-%d %H:%M:%S} {a.actor} {a.action} {escape(a.detail or '')}")
 
 
 @app.command()
@@ -307,7 +313,7 @@ def retry(study: str) -> None:
         try:
             job = requeue_study(session, st, actor="cli")
         except LungnodeError as exc:
-            err_console.print(f"[red]{exc}[/red]")
+            _error(str(exc))
             raise typer.Exit(1) from exc
         console.print(f"study {st.id} queued as job {job.id}")
 
@@ -343,7 +349,7 @@ def analyze(dicom_dir: Path, out: Annotated[Path, typer.Option("--out", help="ou
         analysis = analyse(selected, s.analysis, _load_predictor(s))
         paths = write_results(report(analysis), out)
     except (LungnodeError, AnalysisError) as exc:
-        err_console.print(f"[red]{type(exc).__name__}: {exc}[/red]")
+        _error(f"{type(exc).__name__}: {exc}")
         raise typer.Exit(1) from exc
     result = summarise(analysis)
     result["outputs"] = {k: str(v) for k, v in paths.items()}
@@ -365,7 +371,7 @@ def synth(
     from training.synth import SynthSpec, write_study
 
     if not 0.0 <= involvement <= 1.0:
-        err_console.print("[red]--involvement is a fraction between 0 and 1[/red]")
+        _error("--involvement is a fraction between 0 and 1")
         raise typer.Exit(2)
     study = write_study(directory, SynthSpec(involvement=involvement, seed=seed, slices=slices,
                                              slice_thickness_mm=thickness, rows=rows, kernel=kernel,
@@ -406,23 +412,28 @@ def deliveries_retry(delivery_id: int) -> None:
     with _sessions()() as session:
         try:
             d = retry_delivery(session, delivery_id, actor="cli")
-        except DeliveryError as exc:
-            err_console.print(f"[red]{exc}[/red]")
+        except LungnodeError as exc:
+            _error(str(exc))
             raise typer.Exit(1) from exc
         console.print(f"delivery {d.id} to {d.destination} re-queued")
 
 
 @db_app.command("upgrade")
-def db_upgrade(revision: str = "head") -> None:
+def db_upgrade(revision: str = "head", config: ConfigOpt = None) -> None:
     """Create or upgrade the database schema (Alembic)."""
+    if config is not None:
+        _state.config = config
     s = _settings()
-    upgrade(s.database.url, revision)
-    console.print(f"database {_safe_url(s.database.url)} at {revision}")
+    changed = upgrade(s.database.url, revision)
+    console.print(f"database {_safe_url(s.database.url)} "
+                  f"{'upgraded to' if changed else 'already at'} {revision}")
 
 
 @config_app.command("show")
-def config_show() -> None:
+def config_show(config: ConfigOpt = None) -> None:
     """Print the effective configuration (file + environment) as JSON."""
+    if config is not None:
+        _state.config = config
     s = _settings()
     data = s.model_dump(mode="json")
     data["database"]["url"] = _safe_url(s.database.url)

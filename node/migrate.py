@@ -9,6 +9,7 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
+from sqlalchemy import create_engine
 from sqlalchemy.engine import Engine
 
 __all__ = ["alembic_config", "current_revision", "head_revision", "upgrade"]
@@ -26,14 +27,38 @@ def alembic_config(url: str) -> Config:
     return cfg
 
 
-def upgrade(url: str, revision: str = "head") -> None:
-    """Bring the database at ``url`` to ``revision`` (creating it if empty)."""
+def upgrade(url: str, revision: str = "head") -> bool:
+    """Bring the database at ``url`` to ``revision`` (creating it if empty).
+
+    Every command calls this before it opens the database, so it logs at INFO
+    only when a migration ran; ``lungnode db upgrade`` reports the outcome itself.
+
+    Returns
+    -------
+    bool
+        ``True`` when the schema changed.
+    """
     if url.startswith("sqlite:///"):
         path = url[len("sqlite:///"):]
         if path and path != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
-    command.upgrade(alembic_config(url), revision)
-    logger.info("database schema at %s", revision)
+    cfg = alembic_config(url)
+    before = _revision_of(url)
+    command.upgrade(cfg, revision)
+    after = _revision_of(url)
+    if before != after:
+        logger.info("database schema upgraded from %s to %s", before or "empty", after)
+        return True
+    logger.debug("database schema at %s", after)
+    return False
+
+
+def _revision_of(url: str) -> str | None:
+    engine = create_engine(url)
+    try:
+        return current_revision(engine)
+    finally:
+        engine.dispose()
 
 
 def head_revision() -> str | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import urllib.request
@@ -54,6 +55,52 @@ def test_bad_configuration_exits_with_the_reason(tmp_path: Path) -> None:
     res = run_cli("config", "show", config=bad, check=False)
     assert res.returncode == 2
     assert "port" in res.stderr
+
+
+def _lungnode(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """``lungnode ARGS`` exactly as typed, with extra environment variables."""
+    return subprocess.run([sys.executable, "-m", "node.cli", *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=600, env={**os.environ, **(env or {})})
+
+
+def test_db_upgrade_takes_config_after_the_command_and_only_it_reports_the_schema(
+        config: Path) -> None:
+    first = _lungnode("db", "upgrade", "--config", str(config))
+    assert first.returncode == 0, first.stderr
+    assert "upgraded to head" in first.stdout
+    again = _lungnode("db", "upgrade", "--config", str(config))
+    assert again.returncode == 0 and "already at head" in again.stdout
+    # other commands open the database quietly when no migration ran
+    listed = _lungnode("studies", "--json", env={"LUNGNODE_CONFIG": str(config)})
+    assert listed.returncode == 0, listed.stderr
+    assert json.loads(listed.stdout) == []
+    assert "schema" not in listed.stderr
+    shown = _lungnode("config", "show", "--config", str(config))
+    assert shown.returncode == 0 and "schema" not in shown.stderr
+
+
+def test_error_messages_keep_the_section_names(tmp_path: Path) -> None:
+    bad = write_config(tmp_path / "bad.toml", {"delivery": {"destinations": ["nowhere"]}}, [])
+    res = run_cli("config", "show", config=bad, check=False)
+    assert res.returncode == 2
+    assert "[delivery] destinations ['nowhere'] are not names of [[peers]]" in res.stderr
+
+
+def test_retry_goes_through_the_state_table(config: Path) -> None:
+    from node.db import Study, StudyState, make_engine, make_session_factory
+    from node.settings import load_settings
+
+    run_cli("db", "upgrade", config=config)
+    sessions = make_session_factory(make_engine(load_settings(config).database.url))
+    with sessions() as s:
+        queued = Study(study_instance_uid="1.2.826.0.1.7", state=StudyState.QUEUED)
+        failed = Study(study_instance_uid="1.2.826.0.1.8", state=StudyState.FAILED)
+        s.add_all([queued, failed])
+        s.commit()
+        ids = queued.id, failed.id
+    res = run_cli("retry", str(ids[0]), config=config, check=False)
+    assert res.returncode == 1 and "queued -> queued is not allowed" in res.stderr
+    assert f"study {ids[1]} queued as job" in run_cli("retry", str(ids[1]), config=config).stdout
 
 
 def test_send_echo_and_unknown_peer(config: Path, tmp_path: Path) -> None:
@@ -149,20 +196,26 @@ def test_web_page_lists_studies(tmp_path: Path) -> None:
         web.stop()
 
 
-@pytest.mark.parametrize("receivers", [1, 2])
-def test_serve_on_a_port_in_use_exits_with_the_reason(tmp_path: Path, receivers: int) -> None:
+@pytest.mark.parametrize("taken_port", ["dicom", "web"])
+def test_serve_on_a_port_in_use_exits_with_the_reason(tmp_path: Path, taken_port: str) -> None:
+    """A port another program holds stops `serve` with a message naming that port and its key."""
     import socket
 
     with socket.create_server(("127.0.0.1", 0)) as taken:
         port = taken.getsockname()[1]
+        other = free_port()
+        dicom_port, web_port = (port, other) if taken_port == "dicom" else (other, port)
         cfg = write_config(tmp_path / "lungnode.toml", {
-            "dicom": {"host": "127.0.0.1", "port": port, "receivers": receivers},
+            "dicom": {"host": "127.0.0.1", "port": dicom_port},
             "storage": {"root": "storage", "min_free_mb": 1},
             "database": {"url": "sqlite:///db/lungnode.db"},
-            "web": {"enabled": False},
+            "worker": {"count": 0, "warm_up": False},
+            "web": {"enabled": True, "host": "127.0.0.1", "port": web_port},
             "model": {"enabled": False},
         }, [])
         res = run_cli("serve", config=cfg, check=False)
     assert res.returncode == 2
-    assert "cannot start" in res.stderr and str(port) in res.stderr
+    what = "DICOM listener" if taken_port == "dicom" else "web page"
+    assert "cannot start" in res.stderr and f"{what} cannot listen on 127.0.0.1:{port}" in res.stderr
+    assert f"[{taken_port}] port" in res.stderr
     assert "Traceback" not in res.stderr

@@ -132,7 +132,6 @@ def test_refusing_destination_goes_dead_and_retry_requeues(outbox, tmp_path: Pat
         retry_delivery(s, ids[0], actor="test")
 
 
-
 DELIVERY_LEGAL = {
     (DeliveryState.PENDING, DeliveryState.SENDING),
     (DeliveryState.PENDING, DeliveryState.PENDING),
@@ -158,6 +157,7 @@ def test_delivery_transition_table(old: DeliveryState, new: DeliveryState) -> No
                            match=f"delivery 5 to pacs: {old.value} -> {new.value}"):
             transition_delivery(d, new)
         assert d.state == old
+
 
 # -- the C-STORE SCU (send_files) ---------------------------------------------------------------
 

@@ -286,6 +286,18 @@ def test_routing_sends_new_ct_series_and_not_the_results(routing: tuple[Orthanc,
         assert _uids(node.wait_for_files(60)) == _uids(sorted(B40F.iterdir()) + sorted(B70F.iterdir()))
 
 
+def test_routing_sends_a_synthetic_study(routing: tuple[Orthanc, int], tmp_path: Path) -> None:
+    """`lungnode synth` studies are CT to analyse, not results of the node."""
+    from training import SynthSpec, write_study
+
+    orthanc, port = routing
+    study = write_study(tmp_path / "synth", SynthSpec(seed=3, involvement=0.2, rows=64, slices=20))
+    with StoreSCP(tmp_path / "received", port=port, aet="LUNGNODE") as node:
+        storescu([study.dicom_dir], "127.0.0.1", orthanc.dicom_port, orthanc.aet)
+        assert "sending 1 CT series" in _routing(orthanc, study.study_instance_uid, 1)
+        assert _uids(node.wait_for_files(20)) == _uids(sorted(study.paths))
+
+
 def test_routing_does_not_send_a_study_without_ct(routing: tuple[Orthanc, int], tmp_path: Path) -> None:
     orthanc, port = routing
     study_uid = generate_uid()

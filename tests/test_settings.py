@@ -67,3 +67,19 @@ def test_unknown_peer_name_is_a_config_error(tmp_path: Path) -> None:
     s = load_settings(write_config(tmp_path / "c.toml", {}))
     with pytest.raises(ConfigError, match="no peer named 'pacs'"):
         s.peer("pacs")
+
+
+def test_the_readme_peers_example_loads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The environment example in the README's Configuration section works as written."""
+    import re
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    line = next(ln for ln in readme.splitlines() if "LUNGNODE_PEERS=" in ln)
+    assigned = dict(re.findall(r"(LUNGNODE_\w+)='([^']*)'", line))
+    assert "LUNGNODE_PEERS" in assigned
+    for name, value in assigned.items():
+        monkeypatch.setenv(name, value)
+    s = load_settings(default_config_path())
+    assert [p.name for p in s.peers] == ["pacs"]
+    assert s.delivery.destinations == ["pacs"]
+    assert s.peer("pacs").port == 104

@@ -254,6 +254,18 @@ def test_headers_and_truth(study) -> None:  # type: ignore[no-untyped-def]
     assert truth["files"][0] == "dicom/IM0001.dcm"
 
 
+def test_the_phantom_is_not_taken_for_the_nodes_results(study) -> None:  # type: ignore[no-untyped-def]
+    """The node marks its results with Manufacturer ``lungnode`` and the routing script never sends
+    those back to it; a synthetic study must not carry that mark."""
+    from node.stages.reports import MANUFACTURER as RESULTS_MANUFACTURER
+
+    ds = pydicom.dcmread(study.paths[0], stop_before_pixels=True)
+    assert ds.Manufacturer.lower() != RESULTS_MANUFACTURER.lower()
+    assert not ds.SeriesDescription.lower().startswith(RESULTS_MANUFACTURER.lower())
+    lua = (Path(__file__).resolve().parent.parent / "deploy" / "orthanc" / "route-to-lungnode.lua")
+    assert f"'{RESULTS_MANUFACTURER}'" in lua.read_text()
+
+
 def test_dciodvfy_finds_no_errors(study) -> None:  # type: ignore[no-untyped-def]
     tool = shutil.which("dciodvfy")
     assert tool, "dicom3tools dciodvfy is needed (apt-get install dicom3tools)"

@@ -21,7 +21,12 @@ from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID, CTImageStorage, generat
 if TYPE_CHECKING:
     from training.synth import Phantom, SynthSpec
 
-__all__ = ["Identity", "WrittenSeries", "make_identity", "write_slices"]
+__all__ = ["MANUFACTURER", "Identity", "WrittenSeries", "make_identity", "write_slices"]
+
+MANUFACTURER = "LUNGNODE SYNTHETIC PHANTOM"
+"""The phantom's Manufacturer: not the node's own ``lungnode``, which marks its results (the
+Orthanc routing script in ``deploy/orthanc`` never sends those to the node), so a synthetic
+study is routed and analysed like a scanner's."""
 
 _FAMILY = ["MILLER", "NOVAK", "GARCIA", "OKAFOR", "JENSEN", "ROSSI", "TANAKA", "DUBOIS", "KOWALSKI",
            "HANSEN", "SILVA", "MURPHY", "PETROV", "LINDQVIST", "ABARA", "MORENO", "FISCHER", "NGUYEN"]
@@ -111,7 +116,7 @@ def _series_header(spec: SynthSpec, ph: Phantom, ident: Identity, study_uid: str
     ds.AcquisitionTime, ds.ContentTime = acq_time, series_time
     ds.AccessionNumber = ident.accession
     ds.Modality = "CT"
-    ds.Manufacturer = "LUNGNODE"
+    ds.Manufacturer = MANUFACTURER
     ds.InstitutionName = "SYNTHETIC GENERAL HOSPITAL"
     ds.InstitutionAddress = "1 PHANTOM ROAD, NOWHERE"
     ds.ReferringPhysicianName = ident.referring_physician

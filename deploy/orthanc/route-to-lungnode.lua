@@ -4,8 +4,12 @@
 -- series that lungnode has not had yet to the DICOM modality "lungnode"
 -- (DicomModalities in orthanc.json).  Never sent:
 --   * series that are not CT (SR, SEG, OT/SC, PT, ...),
---   * lungnode's own results: Manufacturer "lungnode" or a SeriesDescription
---     beginning with "lungnode" (any case), whatever their modality,
+--   * lungnode's own results: Manufacturer exactly "lungnode" (what the node
+--     writes into its SR, SEG and summary image), or one of the series
+--     descriptions the node writes ("lungnode lung report", "lungnode lung
+--     segmentation", "lungnode summary"); compared without regard to case,
+--     whatever the modality.  Synthetic studies of `lungnode synth` carry
+--     Manufacturer "LUNGNODE SYNTHETIC PHANTOM" and are sent like a scanner's,
 --   * series already sent, unless they gained instances since or the send
 --     failed (the Orthanc job ended in Failure and is still in the job history,
 --     see JobsHistorySize).
@@ -21,10 +25,17 @@
 local TARGET = 'lungnode'          -- the DicomModalities entry of the node
 local ROUTED_METADATA = '4301'
 
+local RESULT_MANUFACTURER = 'lungnode'
+local RESULT_DESCRIPTIONS = {
+   ['lungnode lung report'] = true,
+   ['lungnode lung segmentation'] = true,
+   ['lungnode summary'] = true,
+}
+
 local function IsLungnodeResult(tags)
    local manufacturer = string.lower(tags['Manufacturer'] or '')
    local description = string.lower(tags['SeriesDescription'] or '')
-   return manufacturer == 'lungnode' or string.sub(description, 1, 8) == 'lungnode'
+   return manufacturer == RESULT_MANUFACTURER or RESULT_DESCRIPTIONS[description] == true
 end
 
 local function JobFailed(jobId)
