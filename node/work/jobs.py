@@ -2,8 +2,9 @@
 
 Claims are atomic (:func:`node.work.claim.for_update`: ``SELECT ... FOR UPDATE
 SKIP LOCKED`` on PostgreSQL, the single writer lock on SQLite), and every change
-of a job's state goes through :func:`node.work.state.transition_job`.  A claim is a lease: a worker renews it
-while it works; a job whose lease expired (its worker died) is claimed again.
+of a job's state goes through :func:`node.work.state.transition_job`.  A claim
+is a lease: a worker renews it while it works; a job whose lease expired (its
+worker died) is claimed again.
 """
 
 from __future__ import annotations
