@@ -1,7 +1,7 @@
 """The node as a DICOM sender, side by side with DCMTK storescu, into the same kind of Orthanc.
 
 Each round sends the same files over one association into a fresh Orthanc
-(started with TCP_NODELAY=1, empty storage) four ways, in an order that
+(started with TCP_NODELAY=1, empty storage) three ways, in an order that
 rotates between rounds (ratios: time relative to storescu into the
 TCP_NODELAY=1 Orthanc of the same round):
 
@@ -9,11 +9,8 @@ TCP_NODELAY=1 Orthanc of the same round):
   to exit (a C program: its start is a few milliseconds);
 - ``node send_files``: ``node.dicom.scu.send_files`` in this process, timed
   around the call (association, sends, release): what the outbox does for a
-  delivery, without any process start;
-- ``pynetdicom send_c_store``: the same call with the direct path switched
-  off, so every file goes through pynetdicom's ``send_c_store`` (read and
-  decode, encode, one PDU per DUL loop): the node's sender before the direct
-  path, for reference;
+  delivery, without any process start (pynetdicom's ``send_c_store`` from
+  the file path, streamed with ``STORE_SEND_CHUNKED_DATASET``);
 - ``lungnode send (CLI)``: ``python -m node.cli send`` end to end, from
   process start to exit (imports, configuration, file scan, progress bar).
 
@@ -47,7 +44,6 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from benchmarks.bench_ingest import make_data as make_files  # noqa: E402
-from node import scu  # noqa: E402
 from node.dicom.scu import send_files  # noqa: E402
 from node.settings import DicomSettings, Peer  # noqa: E402
 from tests.dcmtk import env_for  # noqa: E402
@@ -80,17 +76,11 @@ def run_storescu(dirs: list[Path], o: Orthanc) -> tuple[float, float]:
     return t, cpu
 
 
-def run_send_files(files: list[Path], o: Orthanc, direct: bool) -> tuple[float, float]:
+def run_send_files(files: list[Path], o: Orthanc) -> tuple[float, float]:
     peer = Peer(name="orthanc", ae_title=o.aet, host="127.0.0.1", port=o.dicom_port)
-    usable = scu._DirectStore.usable
-    if not direct:
-        scu._DirectStore.usable = staticmethod(lambda assoc: False)  # type: ignore[method-assign]
-    try:
-        c0, t0 = _self_cpu(), time.perf_counter()
-        results = send_files(files, peer, DicomSettings(ae_title="LUNGNODE"))
-        t, cpu = time.perf_counter() - t0, _self_cpu() - c0
-    finally:
-        scu._DirectStore.usable = usable  # type: ignore[method-assign]
+    c0, t0 = _self_cpu(), time.perf_counter()
+    results = send_files(files, peer, DicomSettings(ae_title="LUNGNODE"))
+    t, cpu = time.perf_counter() - t0, _self_cpu() - c0
     bad = [r for r in results if r[1] != 0]
     if bad:
         raise RuntimeError(f"{len(bad)} files not stored, first: {bad[0]}")
@@ -141,14 +131,13 @@ def main() -> None:
         Case = tuple[str, bool, Callable[[Orthanc, Path], tuple[float, float]]]
         cases: list[Case] = [
             ("storescu", True, lambda o, w: run_storescu(dirs, o)),
-            ("node send_files", True, lambda o, w: run_send_files(files, o, True)),
-            ("pynetdicom send_c_store", True, lambda o, w: run_send_files(files, o, False)),
+            ("node send_files", True, lambda o, w: run_send_files(files, o)),
             ("lungnode send (CLI)", True, lambda o, w: run_cli(dirs, o, w)),
         ]
         if not args.skip_nagle:  # both ends as Debian ships them: Nagle on, delayed ACKs
             cases += [("storescu, no TCP_NODELAY", False, lambda o, w: run_storescu(dirs, o)),
                       ("node send_files, no TCP_NODELAY", False,
-                       lambda o, w: run_send_files(files, o, True))]
+                       lambda o, w: run_send_files(files, o))]
         rows: list[tuple[int, str, float, float, float]] = []
         for r in range(args.rounds):
             order = cases[r % len(cases):] + cases[:r % len(cases)]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-import time
+import threading
 from datetime import timedelta
 from pathlib import Path
 
@@ -262,12 +262,18 @@ def test_nothing_readable_opens_no_association(tmp_path: Path) -> None:
 
 
 class _RecordingSCP:
-    """A pynetdicom C-STORE SCP that records message IDs and data set bytes."""
+    """A pynetdicom C-STORE SCP that records message IDs and data set bytes.
 
-    def __init__(self, max_pdu: int, delay: float = 0.0) -> None:
+    With ``hold=True`` it answers no C-STORE until :attr:`release` is set (a
+    peer slower than any DIMSE timeout), 60 s at most.
+    """
+
+    def __init__(self, max_pdu: int, hold: bool = False) -> None:
         self.message_ids: list[int] = []
         self.datasets: list[bytes] = []
-        self.delay = delay
+        self.release = threading.Event()
+        if not hold:
+            self.release.set()
         ae = AE(ae_title="RECORDER")
         ae.maximum_pdu_size = max_pdu
         ae.add_supported_context(CTImageStorage, ALL_TRANSFER_SYNTAXES)
@@ -282,7 +288,7 @@ class _RecordingSCP:
         assert isinstance(req, C_STORE) and req.DataSet is not None
         self.message_ids.append(int(req.MessageID or 0))
         self.datasets.append(req.DataSet.getvalue())
-        time.sleep(self.delay)
+        self.release.wait(60)
         return 0x0000
 
 
@@ -300,7 +306,7 @@ def test_message_ids_count_up_and_an_unlimited_pdu_is_used() -> None:
 
 
 def test_no_response_aborts_and_the_rest_is_not_sent() -> None:
-    scp = _RecordingSCP(max_pdu=16384, delay=3.0)
+    scp = _RecordingSCP(max_pdu=16384, hold=True)
     try:
         files = sorted(B40F.iterdir())[:3]
         peer = Peer(name="rec", ae_title="RECORDER", host="127.0.0.1", port=scp.port)
@@ -308,8 +314,18 @@ def test_no_response_aborts_and_the_rest_is_not_sent() -> None:
         assert [r[1] for r in results] == [None] * 3
         assert "no response" in results[0][2]
         assert [r[2] for r in results[1:]] == ["association ended before this file"] * 2
+        assert len(scp.message_ids) == 1  # the first file arrived; the rest was never sent
     finally:
+        scp.release.set()
         scp.server.shutdown()
+
+
+def test_peer_down_is_an_actionable_delivery_error() -> None:
+    port = free_port()
+    peer = Peer(name="pacs", ae_title="RECEIVER", host="127.0.0.1", port=port)
+    with pytest.raises(DeliveryError, match=rf"peer pacs \(RECEIVER@127.0.0.1:{port}\) could not "
+                       r"be reached.*knows this node's AE title LUNGNODE"):
+        send_files(sorted(B40F.iterdir())[:1], peer, DicomSettings(ae_title="LUNGNODE"))
 
 
 def test_a_series_into_orthanc(tmp_path: Path) -> None:
