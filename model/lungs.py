@@ -51,7 +51,7 @@ import cv2
 import numpy as np
 from scipy import ndimage as ndi
 
-from model import buffers, morph
+from model import morph
 from model.errors import SegmentationError
 from model.pleura import close_radially, fill_along_pleura
 from model.volume import CTVolume
@@ -372,8 +372,8 @@ def _refine(volume: CTVolume, f: int, fz: int, left_c: np.ndarray, right_c: np.n
     Slice ``k`` of the volume takes slice ``k // fz`` of the reduced masks.
     """
     shape = volume.shape
-    left = buffers.take(shape, bool, zero=True)
-    right = buffers.take(shape, bool, zero=True)
+    left = np.zeros(shape, dtype=bool)
+    right = np.zeros(shape, dtype=bool)
     both_c = left_c | right_c
     core = morph.erode(both_c, _SQUARE)
     band = morph.dilate(both_c, _SQUARE) & ~core & ~airway_c

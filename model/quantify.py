@@ -14,7 +14,7 @@ import cv2
 import numpy as np
 from scipy import ndimage as ndi
 
-from model import buffers, morph
+from model import morph
 from model.lungs import LungMasks, block_mean, slice_group, upsample_mask
 from model.volume import CTVolume
 
@@ -347,7 +347,7 @@ def quantify(volume: CTVolume, masks: LungMasks, thresholds: OpacityThresholds =
     f = max(1, int(round(params.grid_mm / px_mm)))
     fz = slice_group(volume.spacing[0], params.slice_grid_mm)
     box = _lung_box(masks, f, fz)
-    opacity_full = buffers.take(volume.shape, bool, zero=True)
+    opacity_full = np.zeros(volume.shape, dtype=bool)
     noise: float | None = None
     left_box, right_box = masks.left[box], masks.right[box]
     voxel_ml = volume.voxel_volume_ml

@@ -1,8 +1,9 @@
 """The running node: SCP, workers, scheduler ticks and the web page.
 
-Everything runs in one process, except that with ``[dicom] receivers`` above 1
-(the default on a machine with several cores) the C-STORE listener runs in that
-many child processes (:class:`node.dicom.receivers.ReceiverPool`).
+Everything runs in one process: the C-STORE listener (pynetdicom's threaded
+server), the worker threads, the APScheduler ticks and the web page.  More
+throughput comes from more nodes on one PostgreSQL database (README,
+Scale-out).
 
 ``lungnode serve`` builds a :class:`Node` and runs it until SIGTERM/SIGINT.
 ``lungnode worker`` runs only workers (scale-out against PostgreSQL).
@@ -17,12 +18,11 @@ from datetime import datetime, timedelta
 from apscheduler.schedulers.background import BackgroundScheduler  # type: ignore[import-untyped]
 from sqlalchemy.orm import Session, sessionmaker
 
-from model import buffers
 from node.db import make_engine, make_session_factory, utcnow
 from node.dicom.catalog import Catalog
-from node.dicom.receivers import ReceiverPool, receiver_count
 from node.dicom.scp import StoreSCP
 from node.dicom.storage import InstanceStore
+from node.errors import ConfigError
 from node.migrate import upgrade
 from node.pipeline import NodeContext, Predictor, WarmUpStudy, archive_pending, run_job, warm_up
 from node.settings import Settings
@@ -61,7 +61,6 @@ class Node:
                  warm_up_study: WarmUpStudy | None = None) -> None:
         self.settings = settings
         self._warm_up_study = warm_up_study
-        buffers.set_limit(settings.analysis.buffer_pool_mb * 2**20)
         self.engine = make_engine(settings.database.url, echo=settings.database.echo,
                                   durable=settings.storage.fsync)
         self.sessions: sessionmaker[Session] = make_session_factory(self.engine)
@@ -70,19 +69,18 @@ class Node:
         self.store = InstanceStore(settings.storage.root, min_free_mb=settings.storage.min_free_mb,
                                    fsync=settings.storage.fsync)
         self.catalog = Catalog(self.sessions)
-        receivers = receiver_count(settings) if receive else 0
-        self.scp = (StoreSCP(settings.dicom, settings.peers, self.store, self.catalog)
-                    if receivers == 1 else None)
-        self.receivers = ReceiverPool(settings, receivers) if receivers > 1 else None
+        self.scp = StoreSCP(settings.dicom, settings.peers, self.store, self.catalog) if receive else None
         self._receive = receive
         self._work = work
         self._schedule = schedule
-        self._stop = threading.Event()
+        self.stopping = threading.Event()
+        """Set to end :meth:`wait` (``lungnode serve`` sets it on SIGTERM and SIGINT)."""
         self._jobs_ready = threading.Event()  # set when the completion tick queued a job
         self._tick_lock = threading.Lock()
         self._workers: list[threading.Thread] = []
         self._warm_up_thread: threading.Thread | None = None
-        self._scheduler: BackgroundScheduler | None = None
+        self.scheduler: BackgroundScheduler | None = None
+        """The ticks' scheduler while the node runs (``None`` before :meth:`start`)."""
         self._web: WebServer | None = None
 
     # -- periodic work ---------------------------------------------------------
@@ -103,7 +101,7 @@ class Node:
     def _tick_at(self, due: datetime | None) -> None:
         """Run the completion tick once more when the next waiting study becomes stable, if that
         comes before the next interval tick."""
-        sched = self._scheduler
+        sched = self.scheduler
         if due is None or sched is None:
             return
         now = utcnow()
@@ -119,8 +117,8 @@ class Node:
 
     def deliver_soon(self) -> None:
         """Run the outbox now (in the scheduler's threads), not at its next tick."""
-        if self._scheduler is not None and self.settings.delivery.destinations:
-            self._scheduler.add_job(self.outbox_tick, id="outbox-now", replace_existing=True,
+        if self.scheduler is not None and self.settings.delivery.destinations:
+            self.scheduler.add_job(self.outbox_tick, id="outbox-now", replace_existing=True,
                                     misfire_grace_time=None)
 
     def work_once(self) -> bool:
@@ -150,7 +148,7 @@ class Node:
         logger.info("warm-up analysis done in %.1f s", seconds)
 
     def _worker_loop(self) -> None:
-        while not self._stop.is_set():
+        while not self.stopping.is_set():
             if not self.work_once():
                 self._jobs_ready.wait(self.settings.worker.poll_seconds)
                 self._jobs_ready.clear()
@@ -163,9 +161,13 @@ class Node:
         with self.sessions() as session:
             release_orphaned_leases(session)
         if self.scp is not None:
-            self.scp.start()
-        if self.receivers is not None:
-            self.receivers.start()
+            try:
+                self.scp.start()
+            except OSError as exc:
+                raise ConfigError(
+                    f"the DICOM listener cannot listen on {s.dicom.host}:{s.dicom.port}: {exc}. Is "
+                    "another program (another lungnode, a PACS) using the port? Stop it, or change "
+                    "[dicom] port in the configuration.") from exc
         if self._schedule:
             sched = BackgroundScheduler(timezone="UTC")
             sched.add_job(self.completion_tick, "interval", seconds=s.completion.poll_seconds,
@@ -174,7 +176,7 @@ class Node:
                 sched.add_job(self.outbox_tick, "interval", seconds=s.delivery.poll_seconds,
                               id="outbox", max_instances=1, coalesce=True)
             sched.start()
-            self._scheduler = sched
+            self.scheduler = sched
         if self._work:
             threading.Thread(target=self._archive_pending, name="archive-catch-up", daemon=True).start()
             if s.worker.warm_up and s.worker.count > 0 and self._warm_up_study is not None:
@@ -186,22 +188,26 @@ class Node:
                 t.start()
                 self._workers.append(t)
         if s.web.enabled and self._receive:
-            self._web = WebServer(s.web.host, s.web.port, self.sessions)
+            try:
+                self._web = WebServer(s.web.host, s.web.port, self.sessions)
+            except OSError as exc:
+                raise ConfigError(
+                    f"the web page cannot listen on {s.web.host}:{s.web.port}: {exc}. Is another "
+                    "program using the port? Stop it, or change [web] port in the "
+                    "configuration.") from exc
             self._web.start()
         logger.info("node %s ready (%d workers)", s.dicom.ae_title, len(self._workers))
 
     def wait(self) -> None:
-        self._stop.wait()
+        self.stopping.wait()
 
     def stop(self) -> None:
-        self._stop.set()
+        self.stopping.set()
         self._jobs_ready.set()
         if self.scp is not None:
             self.scp.stop()
-        if self.receivers is not None:
-            self.receivers.stop()
-        if self._scheduler is not None:
-            self._scheduler.shutdown(wait=True)
+        if self.scheduler is not None:
+            self.scheduler.shutdown(wait=True)
         for t in self._workers:
             t.join(timeout=60)
         if self._warm_up_thread is not None:  # a second or two: its temporary folder is removed

@@ -64,10 +64,6 @@ class DicomSettings(_Section):
     network_timeout: float = 60.0
     max_pdu: int = Field(131072, ge=0)
     """Maximum PDU size the node receives (0 means unlimited)."""
-    receivers: int = Field(0, ge=0)
-    """Processes that receive (C-STORE) on the port, sharing its listening socket;
-    1: the listener runs in the ``serve`` process itself; 0 (the default): one per CPU
-    core, at most 8 (on a single core, 1)."""
 
     _ae = field_validator("ae_title")(classmethod(lambda cls, v: _check_ae_title(v)))
 
@@ -128,8 +124,6 @@ class AnalysisSettings(_Section):
     """Percentage of opacity under which a study counts as CT-0."""
     anonymize: bool = True
     """Write the de-identified archive copy of each analysed series (after its results are committed)."""
-    buffer_pool_mb: int = Field(1536, ge=0)
-    """Volume-sized arrays kept for the next study (:mod:`model.buffers`); 0: none kept."""
 
 
 class ModelSettings(_Section):

@@ -61,20 +61,6 @@ def test_native_series_matches_pydicom_and_returns_headers(tmp_path: Path) -> No
     assert np.array_equal(load_series(paths).hu, volume.hu)
 
 
-def test_a_volume_in_use_keeps_its_memory_when_the_next_one_loads(tmp_path: Path) -> None:
-    """The HU arrays come from model.buffers: a second series must not overwrite a live first."""
-    first_paths = _series(tmp_path, "first")
-    second_paths = _series(tmp_path, "second", edit=lambda i, ds: setattr(ds, "RescaleIntercept", -1000))
-    first = load_series(first_paths)
-    kept = first.hu.copy()
-    second = load_series(second_paths)
-    assert np.array_equal(first.hu, kept)
-    assert np.array_equal(second.hu, kept + 24)  # the files' intercept is -1024
-    del first
-    third = load_series(first_paths)  # may reuse the first one's memory now
-    assert np.array_equal(third.hu, kept) and np.array_equal(second.hu, kept + 24)
-
-
 def _signed_12_bit_with_junk(i: int, ds: pydicom.Dataset) -> None:
     """Signed 12-bit words whose unused high bits hold junk (pydicom sign-extends)."""
     stored = _stored(ds)
@@ -198,28 +184,3 @@ def test_missing_geometry_names_the_attribute(tmp_path: Path) -> None:
     paths = _series(tmp_path, "nogeo", edit=lambda i, ds: delattr(ds, "PixelSpacing"), count=2)
     with pytest.raises(VolumeError, match="PixelSpacing"):
         load_series(paths)
-
-
-def test_collection_stays_paused_until_the_last_overlapping_load_ends() -> None:
-    """Two loads overlap (two workers, or the warm-up beside the first job): the garbage collector
-    comes back on when the last ends, and only if it was on before the first began."""
-    import gc
-
-    from model.volume import collection_paused
-
-    assert gc.isenabled()
-    first, second = collection_paused(), collection_paused()
-    first.__enter__()
-    assert not gc.isenabled()
-    second.__enter__()
-    first.__exit__(None, None, None)
-    assert not gc.isenabled()  # the second load is still running
-    second.__exit__(None, None, None)
-    assert gc.isenabled()
-    gc.disable()
-    try:
-        with collection_paused():
-            pass
-        assert not gc.isenabled()  # it was off before: it stays off
-    finally:
-        gc.enable()

@@ -12,13 +12,14 @@ slices through the lungs.  Segments:
    see :mod:`node.stages.reports.codes`), category SCT Morphologically Abnormal
    Structure 49755003, anatomic region SCT Lung, shown red.
 
-The colours are those of the summary image.
+The colours are those of the summary image.  The opacity lies inside the
+lungs, so the segments overlap: the object is BINARY (a LABELMAP cannot hold
+overlapping segments), and highdicom itself decides Segments Overlap.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import highdicom as hd
 import numpy as np
@@ -68,50 +69,6 @@ def _segment_stack(masks: LungMasks, opacity: np.ndarray) -> np.ndarray:
     return np.moveaxis(stack, 0, -1)
 
 
-def _segments_overlap(stack: np.ndarray) -> bool:
-    """Whether any pixel of a boolean ``(z, y, x, segment)`` stack is in two segments.
-
-    Slab by slab, so the temporaries stay small: the union of the segments seen
-    so far and its intersection with the next one.
-    """
-    slab = max(1, (1 << 24) // max(1, stack.shape[1] * stack.shape[2]))
-    for z0 in range(0, stack.shape[0], slab):
-        part = stack[z0:z0 + slab]
-        seen = part[..., 0].copy()
-        for s in range(1, part.shape[-1]):
-            segment = part[..., s]
-            if np.any(seen & segment):
-                return True
-            seen |= segment
-    return False
-
-
-class _Segmentation(hd.seg.Segmentation):
-    """highdicom's Segmentation with a cheaper overlap check for boolean segment stacks.
-
-    highdicom 0.28 (pinned in pyproject.toml) decides Segments Overlap with ``pixel_array.sum(axis=-1)``: an
-    ``int64`` copy of the whole stack (630 MB and 1-2.5 s for 300x512x512x3 on
-    this project's build machine).  For a boolean 4D stack of a BINARY
-    segmentation, the only case :func:`build_segmentation` passes, the same
-    answer comes from :func:`_segments_overlap` in tens of milliseconds; every
-    other case goes to highdicom's own check.  The object written is the same
-    (``tests/test_seg_overlap.py`` compares both checks).
-    """
-
-    @classmethod
-    def _check_and_cast_pixel_array(cls, pixel_array: Any, segment_numbers: np.ndarray,
-                                    segmentation_type: hd.seg.SegmentationTypeValues,
-                                    dtype: type) -> Any:
-        if (isinstance(pixel_array, np.ndarray) and pixel_array.dtype == np.bool_
-                and pixel_array.ndim == 4 and pixel_array.shape[-1] == len(segment_numbers)
-                and segmentation_type == hd.seg.SegmentationTypeValues.BINARY):
-            overlap = _segments_overlap(pixel_array)
-            return pixel_array, (hd.seg.SegmentsOverlapValues.YES if overlap
-                                 else hd.seg.SegmentsOverlapValues.NO)
-        return super()._check_and_cast_pixel_array(pixel_array, segment_numbers,
-                                                   segmentation_type, dtype)
-
-
 def build_segmentation(sources: Sequence[Dataset], masks: LungMasks, opacity: np.ndarray, *,
                        algorithm_name: str, algorithm_version: str, series_number: int,
                        manufacturer: str, institution_name: str | None = None
@@ -158,7 +115,7 @@ def build_segmentation(sources: Sequence[Dataset], masks: LungMasks, opacity: np
             tracking_id="lung opacity", anatomic_regions=[lc.LUNG],
             display_color=hd.color.CIELabColor.from_rgb(*SEGMENT_COLOURS[2])),
     ]
-    seg = _Segmentation(
+    seg = hd.seg.Segmentation(
         source_images=list(sources),
         pixel_array=_segment_stack(masks, opacity),
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
