@@ -12,11 +12,9 @@ while the node's default (``[storage] fsync = true``) flushes every file
 before acknowledging it.  Each node case therefore runs twice: with
 ``fsync = false`` (what Orthanc does: an acknowledged instance survives a crash
 of the receiving process, not a power loss) and with the default.  The node
-runs its default ``[dicom] receivers = 0`` (one receiving process per CPU core);
-the 4-sender cases also run with ``receivers = --receivers`` (default 1: all in
-the ``serve`` process).
+receives in its one ``serve`` process.
 
-    .venv/bin/python benchmarks/bench_ingest.py [--studies 3 --slices 240 --receivers 1]
+    .venv/bin/python benchmarks/bench_ingest.py [--studies 3 --slices 240] [--skip-postgres]
 """
 
 from __future__ import annotations
@@ -82,8 +80,8 @@ def storescu_time(dirs: list[Path], port: int, aet: str, nodelay: bool) -> float
 
 
 @contextmanager
-def lungnode(tmp: Path, db_url: str, orthanc: Orthanc | None = None, *, fsync: bool | None = None,
-             receivers: int | None = None) -> Iterator[tuple[int, str]]:
+def lungnode(tmp: Path, db_url: str, orthanc: Orthanc | None = None, *,
+             fsync: bool | None = None) -> Iterator[tuple[int, str]]:
     """``lungnode serve`` with its defaults except where given (None: the default)."""
     port = free_port()
     peers = [("STORESCU", 104)]
@@ -91,7 +89,6 @@ def lungnode(tmp: Path, db_url: str, orthanc: Orthanc | None = None, *, fsync: b
     lines = [
         "log_level = 'WARNING'",
         "[dicom]", "host = '127.0.0.1'", f"port = {port}", "max_associations = 16",
-        *([f"receivers = {receivers}"] if receivers is not None else []),
         "[storage]", f"root = '{tmp / ('storage-' + cfg.stem)}'", "min_free_mb = 100",
         *([f"fsync = {str(fsync).lower()}"] if fsync is not None else []),
         "[database]", f"url = '{db_url}'",
@@ -171,9 +168,6 @@ def main() -> None:
     ap.add_argument("--studies", type=int, default=3)
     ap.add_argument("--slices", type=int, default=240)
     ap.add_argument("--skip-postgres", action="store_true")
-    ap.add_argument("--receivers", type=int, default=1,
-                    help="[dicom] receivers for the extra 4-sender rows (the default config has 0: "
-                         "one per core)")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="lungnode-bench-"))
     try:
@@ -192,9 +186,8 @@ def main() -> None:
                 assert count == n, f"Orthanc holds {count} of {n}"
             return t
 
-        def node_run(dirs: list[Path], nodelay: bool, db_url: str, fsync: bool | None,
-                     receivers: int | None = None) -> float:
-            with lungnode(tmp, db_url, fsync=fsync, receivers=receivers) as (port, _):
+        def node_run(dirs: list[Path], nodelay: bool, db_url: str, fsync: bool | None) -> float:
+            with lungnode(tmp, db_url, fsync=fsync) as (port, _):
                 t = storescu_time(dirs, port, "LUNGNODE", nodelay)
             count = node_count(db_url)
             assert count == n, f"node recorded {count} of {n}"
@@ -204,18 +197,16 @@ def main() -> None:
             return f"sqlite:///{tmp / ('n-' + uuid.uuid4().hex[:6] + '.db')}"
 
         dbs = [("SQLite", sqlite_url)] + ([] if args.skip_postgres else [("PostgreSQL", fresh_pg_schema)])
-        cases = [("1 sender, TCP_NODELAY=1", one, True, [None]),
-                 ("4 senders, TCP_NODELAY=1", four, True, [None, args.receivers]),
-                 ("1 sender, no TCP_NODELAY", one, False, [None])]
-        for label, dirs, nodelay, receiver_counts in cases:
+        cases = [("1 sender, TCP_NODELAY=1", one, True),
+                 ("4 senders, TCP_NODELAY=1", four, True),
+                 ("1 sender, no TCP_NODELAY", one, False)]
+        for label, dirs, nodelay in cases:
             t_o = orthanc_run(dirs, nodelay)
             for db_name, url in dbs if nodelay else dbs[:1]:
-                for receivers in receiver_counts:
-                    procs = "" if receivers is None else f", receivers={receivers}"
-                    for fsync in ((False, None) if nodelay else (None,)):
-                        how = "fsync=true (default)" if fsync is None else "fsync=false"
-                        t_n = node_run(dirs, nodelay, url(), fsync, receivers)
-                        rows.append((f"{label}, {db_name}{procs}, {how}", t_o, t_n))
+                for fsync in ((False, None) if nodelay else (None,)):
+                    how = "fsync=true (default)" if fsync is None else "fsync=false"
+                    t_n = node_run(dirs, nodelay, url(), fsync)
+                    rows.append((f"{label}, {db_name}, {how}", t_o, t_n))
 
         # the node as sender: `lungnode send` into Orthanc vs storescu into Orthanc
         with Orthanc(tmp / "orthanc-send", tcp_nodelay=True) as o:
@@ -254,8 +245,6 @@ def main() -> None:
             print(f"{label:{w}} {n / t_o:15.0f} {n / t_n:12.0f} {t_n / t_o:18.2f}")
         print("every run checked: all instances in Orthanc's index / the node's database "
               "(rows and study counters)")
-        print(f"node: default [dicom] receivers = 0, {min(8, os.cpu_count() or 1)} receiving processes "
-              "on this machine, unless the row says receivers=N")
         print("durability: Orthanc 1.10.1 writes storage files without fsync (it has no option "
               "for it), its SQLite index with synchronous=NORMAL;\n"
               "  node fsync=false: file renamed into place and row committed before the ack, "

@@ -11,12 +11,9 @@ import re
 import signal
 import subprocess
 import sys
-import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import psutil
 import pydicom
 import pytest
 from pynetdicom import AE
@@ -36,18 +33,10 @@ from node.db import (
     make_session_factory,
 )
 from tests.conftest import B40F, write_config
+from tests.dcmtk import wait_for
 from tests.peers import StoreSCP, free_port
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-def _wait(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 class ServeProcess:
@@ -78,7 +67,7 @@ class ServeProcess:
                 f.seek(offset)
                 return re.search(rb"node\.service: node \S+ ready \(", f.read()) is not None
 
-        _wait(up, 60, "the node to listen")
+        wait_for(up, 60, 0.05, "the node to listen")
 
     def kill(self) -> None:
         assert self.proc is not None
@@ -184,7 +173,7 @@ def test_sigkill_during_receive_and_during_job(tmp_path: Path, db_url: str,
             with sessions() as s:
                 return s.scalars(select(Study)).one().state == StudyState.ANALYSING
 
-        _wait(analysing, 60, "the job to start")
+        wait_for(analysing, 60, 0.05, "the job to start")
         node.kill()
         with sessions() as s:
             assert s.scalars(select(Study)).one().state == StudyState.ANALYSING
@@ -198,7 +187,7 @@ def test_sigkill_during_receive_and_during_job(tmp_path: Path, db_url: str,
                 ds = list(s.scalars(select(Delivery)))
                 return bool(ds) and all(d.state == DeliveryState.SENT for d in ds)
 
-        _wait(delivered, 120, "the results to be delivered")
+        wait_for(delivered, 120, 0.05, "the results to be delivered")
         with sessions() as s:
             study = s.scalars(select(Study)).one()
             assert study.state == StudyState.COMPLETE
@@ -211,103 +200,6 @@ def test_sigkill_during_receive_and_during_job(tmp_path: Path, db_url: str,
             assert len(results) == 3 and len({r.job_id for r in results}) == 1
             producer = s.get_one(Job, results[0].job_id)
             assert producer.attempts == 2  # killed once, finished once
-        received = receiver.wait_for_files(3, 30)
+        received = receiver.wait_for_files(3, 60)
         uids = [str(pydicom.dcmread(p).SOPInstanceUID) for p in received]
         assert len(uids) == len(set(uids)) == 3
-
-
-def _receiver_pids(serve_pid: int) -> list[int]:
-    """The serve process's receiver children (not multiprocessing's resource tracker)."""
-    pids = []
-    for child in psutil.Process(serve_pid).children():
-        try:  # a receiver just killed is a zombie until serve's monitor reaps it
-            if child.status() != psutil.STATUS_ZOMBIE and \
-                    "resource_tracker" not in " ".join(child.cmdline()):
-                pids.append(child.pid)
-        except psutil.Error:
-            continue
-    return pids
-
-
-def _send_in_parallel(port: int, parts: list[list[Path]]) -> list[str]:
-    acked: list[list[str]] = [[] for _ in parts]
-
-    def send(i: int) -> None:
-        acked[i] = _send_acknowledged(port, parts[i])
-
-    threads = [threading.Thread(target=send, args=(i,)) for i in range(len(parts))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
-    return [uid for part in acked for uid in part]
-
-
-@pytest.mark.slow
-def test_receiver_processes_survive_sigkill_and_stop_with_serve(
-        tmp_path: Path, db_url: str, serve_factory: Callable[[Path], ServeProcess]) -> None:
-    port = free_port()
-    config = write_config(tmp_path / "lungnode.toml", {
-        "dicom": {"host": "127.0.0.1", "port": port, "receivers": 2},
-        "storage": {"root": "storage", "min_free_mb": 1},
-        "database": {"url": db_url},
-        "completion": {"stable_seconds": 1.0, "poll_seconds": 0.2},
-        "worker": {"count": 0},
-        "web": {"enabled": False},
-    }, [{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": 104}])
-    sessions = make_session_factory(make_engine(db_url))
-    files = sorted(B40F.iterdir())
-    node = serve_factory(config)
-    node.start(port)
-    assert node.proc is not None
-    children = _receiver_pids(node.proc.pid)
-    assert len(children) == 2
-
-    # 1. SIGKILL one receiver while four associations send: what it acknowledged is kept,
-    #    the other receiver and the restarted one go on receiving
-    victim = children[0]
-    parts = [files[i::4] for i in range(4)]
-    killer = threading.Timer(0.3, os.kill, (victim, signal.SIGKILL))
-    killer.start()
-    acked = _send_in_parallel(port, parts)
-    killer.join()
-    storage = tmp_path / "storage"
-    with sessions() as s:
-        rows = {r.sop_instance_uid: r.path for r in s.scalars(select(Instance))}
-    assert set(acked) <= set(rows), "an acknowledged instance is missing from the database"
-    for uid in acked:
-        assert pydicom.dcmread(storage / rows[uid]).SOPInstanceUID == uid
-    _wait(lambda: len(_receiver_pids(node.proc.pid)) == 2  # type: ignore[union-attr]
-          and victim not in _receiver_pids(node.proc.pid), 60, "a new receiver")  # type: ignore[union-attr]
-
-    # 2. the whole series again, in parallel: every instance once, counters right
-    acked = _send_in_parallel(port, parts)
-    assert sorted(acked) == sorted(str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID)
-                                   for f in files)
-    with sessions() as s:
-        assert s.scalar(select(func.count()).select_from(Instance)) == 30
-        study = s.scalars(select(Study)).one()
-        assert study.instance_count == 30
-
-    # 3. the completion tick of the serve process sees the rows the children wrote
-    def queued() -> bool:
-        with sessions() as s:
-            return s.scalar(select(func.count()).select_from(Job)) == 1
-
-    _wait(queued, 30, "the study's job to be queued")
-
-    # 4. SIGTERM: serve stops its receivers and exits; nothing listens any more
-    children = _receiver_pids(node.proc.pid)
-    node.proc.terminate()
-    assert node.proc.wait(30) == 0
-    _wait(lambda: not any(psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"
-                          for p in children), 10, "the receivers to exit")
-    assert _send_acknowledged(port, files[:1]) == []
-
-    # 5. SIGKILL of serve itself: the receivers go with it
-    node.start(port)
-    children = _receiver_pids(node.proc.pid)
-    node.kill()
-    _wait(lambda: not any(psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"
-                          for p in children), 10, "orphaned receivers to exit")
-    assert _send_acknowledged(port, files[:1]) == []

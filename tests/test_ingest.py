@@ -30,6 +30,7 @@ from node.dicom.storage import InstanceStore
 from node.migrate import upgrade
 from node.settings import Settings
 from tests.conftest import B40F
+from tests.dcmtk import wait_for
 from tests.peers import free_port, storescu
 
 
@@ -274,43 +275,6 @@ def test_echo_from_dcmtk(listener: Callable[..., Listener]) -> None:
     assert res.returncode == 0
 
 
-def _encoded(ds: pydicom.Dataset, implicit: bool) -> bytes:
-    from pynetdicom.dsutils import encode
-
-    raw = encode(ds, implicit, True)
-    assert raw is not None
-    return raw
-
-
-@pytest.mark.parametrize("implicit", [False, True])
-def test_header_scan_agrees_with_pydicom(implicit: bool) -> None:
-    """The C-STORE handler's quick scan reads the same UIDs as pydicom, sequences of
-    undefined length included (the real study has them)."""
-    from node.dicom.scp import scan_dataset
-
-    syntax = pydicom.uid.ImplicitVRLittleEndian if implicit else pydicom.uid.ExplicitVRLittleEndian
-    names = ("SOPClassUID", "SOPInstanceUID", "Modality", "StudyInstanceUID", "SeriesInstanceUID")
-    for f in sorted(B40F.iterdir())[:5]:
-        ds = pydicom.dcmread(f)
-        as_stored = f.read_bytes()[132 + 12 + ds.file_meta.FileMetaInformationGroupLength:]
-        for raw, ts in ((_encoded(ds, implicit), syntax),
-                        (as_stored, ds.file_meta.TransferSyntaxUID)):
-            scanned = scan_dataset(memoryview(raw), pydicom.uid.UID(ts))
-            assert scanned is not None
-            found, has_pixels = scanned.found, scanned.has_pixels
-            assert found == {k: str(ds[k].value) for k in names if k in ds}
-            assert has_pixels
-    # no pixel data; truncated; big endian: the scan says so, or leaves it to pydicom
-    ds = pydicom.dcmread(sorted(B40F.iterdir())[0])
-    del ds.PixelData
-    scanned = scan_dataset(memoryview(_encoded(ds, implicit)), pydicom.uid.UID(syntax))
-    assert scanned is not None and scanned.has_pixels is False
-    truncated = _encoded(pydicom.dcmread(sorted(B40F.iterdir())[0], stop_before_pixels=True),
-                         implicit)[:-3]
-    assert scan_dataset(memoryview(truncated), pydicom.uid.UID(syntax)) is None
-    assert scan_dataset(memoryview(b""), pydicom.uid.ExplicitVRBigEndian) is None
-
-
 def test_several_senders_at_once_all_recorded(listener: Callable[..., Listener]) -> None:
     """Concurrent associations on one listener: every row once, counters exact."""
     import threading
@@ -336,46 +300,89 @@ def test_several_senders_at_once_all_recorded(listener: Callable[..., Listener])
     assert all(r.tzinfo is not None for r in received)
 
 
-def _open_pipes() -> list[str]:
-    import os
+def _rss() -> int:
+    import psutil
 
-    out = []
-    for fd in os.listdir("/proc/self/fd"):
-        try:
-            target = os.readlink(f"/proc/self/fd/{fd}")
-        except FileNotFoundError:  # the listing's own descriptor
-            continue
-        if target.startswith("pipe:"):
-            out.append(target)
-    return out
+    return int(psutil.Process().memory_info().rss)
 
 
-def test_event_driven_dul_wakes_on_data_after_idling_and_leaks_no_descriptors(
+def test_a_header_declaring_a_4_gib_pdu_allocates_nothing_and_the_listener_serves_on(
         listener: Callable[..., Listener]) -> None:
-    """node.dicom.netio's select-based DUL loop: an association that stays idle longer than
-    the loop's longest wait still gets its C-STOREs answered, and the wake-up pipe of
-    each association is closed when it ends."""
-    import time
+    """Six bytes from anyone (an A-ASSOCIATE-RQ header declaring a 4 GiB PDU), on two connections
+    kept open, before any AE title is checked: the listener's memory stays flat and it still
+    serves a real sender."""
+    import socket
 
     lst = listener()
-    src = [pydicom.dcmread(f) for f in sorted(B40F.iterdir())[:3]]
-    pipes_before = len(_open_pipes())
+    before = _rss()
+    conns = [socket.create_connection(("127.0.0.1", lst.port)) for _ in range(2)]
+    try:
+        for c in conns:
+            c.sendall(b"\x01\x00\xff\xff\xff\xff")
+        wait_for(lambda: lst.scp.active_associations >= 2, 60, 0.05, "both connections to be served")
+        src = [pydicom.dcmread(f) for f in sorted(B40F.iterdir())[:2]]
+        assert _scu_send(lst.port, src) == [0, 0]
+        assert _rss() - before < 200 * 2**20
+    finally:
+        for c in conns:
+            c.close()
+    assert lst.count() == 2
+
+
+def _nested(depth: int) -> pydicom.Sequence:
+    inner = pydicom.Dataset()
+    inner.CodeValue = "1"
+    for _ in range(depth):
+        outer = pydicom.Dataset()
+        outer.ContentSequence = pydicom.Sequence([inner])
+        inner = outer
+    return pydicom.Sequence([inner])
+
+
+def test_deeply_nested_sequences_get_a_status_and_no_traceback(
+        listener: Callable[..., Listener], tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A data set whose sequences nest 3000 deep (bytes made beforehand, sent as a file without
+    re-encoding): the handler reads only the top-level identifiers (pydicom parses sequences
+    when they are used), so it is stored as received, with no traceback in the log, and the
+    next instance too."""
+    import logging
+    import sys
+
+    from pydicom.filewriter import write_file_meta_info
+    from pynetdicom.dsutils import encode
+
+    lst = listener()
+    files = sorted(B40F.iterdir())[:2]
+    bad = pydicom.dcmread(files[0])
+    bad.ContentSequence = _nested(3000)
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(50_000)  # pydicom's writer recurses: only to make the bytes
+    try:
+        body = encode(bad, False, True)
+    finally:
+        sys.setrecursionlimit(limit)
+    assert body is not None
+    path = tmp_path / "nested.dcm"
+    with path.open("wb") as f:
+        f.write(b"\x00" * 128 + b"DICM")
+        write_file_meta_info(f, bad.file_meta)
+        f.write(body)
+    caplog.set_level(logging.WARNING)
     ae = AE(ae_title="PACS")
-    ae.add_requested_context(CTImageStorage, pydicom.uid.ExplicitVRLittleEndian)
-    for _ in range(4):
-        assoc = ae.associate("127.0.0.1", lst.port, ae_title="LUNGNODE")
-        assert assoc.is_established
-        # in the acceptor, the association's DUL runs the select loop with a waking queue
-        live = [a for a in lst.scp._server.active_associations if a.is_acceptor]  # type: ignore[union-attr]
-        assert live and all(type(a.dul.to_provider_queue).__name__ == "_WakingQueue" for a in live)
-        time.sleep(0.15)  # several of the loop's longest waits without any data
-        for ds in src:
-            status = assoc.send_c_store(ds)
-            assert int(status.Status) == 0
+    ae.add_requested_context(CTImageStorage, str(bad.file_meta.TransferSyntaxUID))
+    assoc = ae.associate("127.0.0.1", lst.port, ae_title="LUNGNODE")
+    assert assoc.is_established
+    try:
+        status = assoc.send_c_store(path)
+        good = assoc.send_c_store(pydicom.dcmread(files[1]))
+    finally:
         assoc.release()
-    assert lst.count() == 3
-    time.sleep(0.2)  # the acceptor's DUL threads end after the release
-    assert len(_open_pipes()) <= pipes_before
+    assert int(status.Status) == 0 and int(good.Status) == 0
+    assert lst.count() == 2
+    with lst.sessions() as s:
+        row = s.scalars(select(Instance).where(Instance.sop_instance_uid == bad.SOPInstanceUID)).one()
+    assert (lst.settings.storage.root / row.path).read_bytes().endswith(body)
+    assert "Traceback" not in caplog.text and "RecursionError" not in caplog.text
 
 
 def test_durable_write_flushes_the_data_before_the_rename_and_the_folder_after(

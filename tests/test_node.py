@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from node.db import Delivery, DeliveryState, Study, StudyState
 from node.service import Node
 from node.settings import Settings
 from tests.conftest import B40F, B70F
+from tests.dcmtk import wait_for
 from tests.peers import Orthanc, free_port, storescu
 
 SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"
@@ -46,16 +46,6 @@ def orthanc_and_node(tmp_path: Path, db_url: str,
             node.stop()
 
 
-def _wait(predicate: Callable[[], object], timeout: float, what: str) -> object:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-
-
 def _results_in_orthanc(orthanc: Orthanc, study_uid: str) -> dict[str, list[pydicom.Dataset]]:
     oid = orthanc.find_study(study_uid)
     found: dict[str, list[pydicom.Dataset]] = {SR_CLASS: [], SEG_CLASS: [], SC_CLASS: []}
@@ -79,7 +69,7 @@ def test_orthanc_round_trip_and_reanalysis(orthanc_and_node: tuple[Orthanc, Node
         found = _results_in_orthanc(orthanc, source.StudyInstanceUID)
         return found if all(len(v) == 1 for v in found.values()) else None
 
-    found = _wait(complete, 180, "SR, SEG and summary image in Orthanc")
+    found = wait_for(complete, 180, 0.2, "SR, SEG and summary image in Orthanc")
     assert isinstance(found, dict)
     sr_ds, seg_ds, sc_ds = found[SR_CLASS][0], found[SEG_CLASS][0], found[SC_CLASS][0]
     for ds in (sr_ds, seg_ds, sc_ds):
@@ -124,7 +114,7 @@ def test_orthanc_round_trip_and_reanalysis(orthanc_and_node: tuple[Orthanc, Node
         srs = _results_in_orthanc(orthanc, source.StudyInstanceUID)[SR_CLASS]
         return srs if len(srs) == 2 else None
 
-    srs = _wait(second, 180, "the second SR")
+    srs = wait_for(second, 180, 0.2, "the second SR")
     assert isinstance(srs, list)
     new = next(d for d in srs if d.SOPInstanceUID != sr_ds.SOPInstanceUID)
     preds = [r.ReferencedSOPInstanceUID for item in new.PredecessorDocumentsSequence
@@ -134,7 +124,7 @@ def test_orthanc_round_trip_and_reanalysis(orthanc_and_node: tuple[Orthanc, Node
         study = s.scalars(select(Study)).one()
         assert study.result_version == 2
         assert study.instance_count == 60
-    _wait(lambda: _deliveries_sent(node), 30, "deliveries marked sent")
+    wait_for(lambda: _deliveries_sent(node), 60, 0.2, "deliveries marked sent")
 
 
 def _deliveries_sent(node: Node) -> bool:
@@ -175,76 +165,6 @@ def _as_file(ds: pydicom.Dataset, path: Path) -> Path:
     return path
 
 
-def test_serve_with_receiver_processes_records_every_instance_and_stops_them(
-        tmp_path: Path, db_url: str, make_settings: Callable[..., Settings]) -> None:
-    """``[dicom] receivers = 2``: two processes share the port; four storescu at once;
-    the serve process's completion tick queues the study from their rows; stop ends them."""
-    import psutil
-    from sqlalchemy import func
-
-    from node.db import Instance, Job
-
-    port = free_port()
-    settings = make_settings(db_url, port=port, dicom={"receivers": 2}, worker={"count": 0},
-                             peers=[{"name": "ct", "ae_title": "STORESCU", "host": "127.0.0.1",
-                                     "port": 104}])
-    node = Node(settings)
-    node.start()
-    try:
-        assert node.dicom.scp is None and node.dicom.receivers is not None
-        pids = node.dicom.receivers.pids
-        assert len(pids) == 2
-        parts = []
-        for i in range(4):
-            d = tmp_path / f"part{i}"
-            d.mkdir()
-            for f in sorted(B40F.iterdir())[i::4]:
-                (d / f.name).symlink_to(f)
-            parts.append(d)
-        procs = [subprocess.Popen(["storescu", "-aec", "LUNGNODE", "-aet", "STORESCU", "+sd",
-                                   "127.0.0.1", str(port), str(d)], stderr=subprocess.PIPE)
-                 for d in parts]
-        for p in procs:
-            _, err = p.communicate(timeout=120)
-            assert p.returncode == 0, err.decode()
-        with node.sessions() as s:
-            assert s.scalar(select(func.count()).select_from(Instance)) == 30
-            assert s.scalars(select(Study)).one().instance_count == 30
-        def jobs() -> int:
-            with node.sessions() as s:
-                return int(s.scalar(select(func.count()).select_from(Job)) or 0)
-
-        _wait(jobs, 30, "the study's job")
-
-        # four associations held open at once are served two by each receiver (the least
-        # busy receiver accepts; the kernel alone would often give one process three or four)
-        from pynetdicom import AE
-        from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
-
-        ae = AE(ae_title="STORESCU")
-        ae.add_requested_context(Verification)
-        held = []
-        try:
-            for _ in range(4):
-                assoc = ae.associate("127.0.0.1", port, ae_title="LUNGNODE")
-                assert assoc.is_established
-                held.append(assoc)
-                time.sleep(0.1)  # the receivers publish their counts every few milliseconds
-
-            def served(pid: int) -> int:
-                return sum(1 for c in psutil.Process(pid).net_connections("tcp")
-                           if c.status == psutil.CONN_ESTABLISHED and c.laddr.port == port)
-
-            assert sorted(served(p) for p in pids) == [2, 2]
-        finally:
-            for assoc in held:
-                assoc.release()
-    finally:
-        node.stop()
-    assert not any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE
-                   for p in pids)
-
-
 def test_hand_offs_do_not_wait_for_the_interval_ticks(
         tmp_path: Path, db_url: str, make_settings: Callable[..., Settings]) -> None:
     """With every interval at an hour, one completion tick while the study is still arriving
@@ -271,12 +191,12 @@ def test_hand_offs_do_not_wait_for_the_interval_ticks(
             with node.sessions() as s:
                 study = s.scalars(select(Study)).one()
                 assert study.state == StudyState.RECEIVING  # not stable yet: 8 s
-            assert node._scheduler is not None and node._scheduler.get_job("completion-due") is not None
+            assert node.scheduler is not None and node.scheduler.get_job("completion-due") is not None
             received = receiver.wait_for_files(3, timeout=180)
             classes = {str(pydicom.dcmread(p, stop_before_pixels=True).SOPClassUID) for p in received}
             assert classes == {SR_CLASS, SEG_CLASS, SC_CLASS}
             with node.sessions() as s:
                 assert s.scalars(select(Study)).one().state == StudyState.COMPLETE
-            _wait(lambda: _deliveries_sent(node), 30, "deliveries marked sent")
+            wait_for(lambda: _deliveries_sent(node), 60, 0.2, "deliveries marked sent")
         finally:
             node.stop()

@@ -13,7 +13,6 @@ handlers), so neither end waits for a delayed acknowledgement.
 from __future__ import annotations
 
 import logging
-import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,9 +21,8 @@ from pathlib import Path
 from pydicom.errors import InvalidDicomError
 from pydicom.filereader import read_file_meta_info
 from pynetdicom import AE, _config, evt
-from pynetdicom.events import Event
 
-from node.dicom.scp import no_delay
+from node.dicom.sockets import no_delay, quick_ack
 from node.errors import DeliveryError
 from node.settings import DicomSettings, Peer
 
@@ -62,22 +60,6 @@ def read_stored_file(path: Path) -> StoredFile:
         raise InvalidDicomError(
             f"{path}: the file meta information lacks a SOP class, SOP instance or transfer syntax UID")
     return StoredFile(path, uids[0], uids[1], uids[2])
-
-
-def quick_ack(event: Event) -> None:
-    """``EVT_PDU_SENT`` handler: acknowledge the peer's response at once (Linux ``TCP_QUICKACK``).
-
-    A peer that keeps Nagle's algorithm on (Orthanc and DCMTK as Debian ships
-    them) writes its C-STORE response in pieces and holds each piece until the
-    previous one is acknowledged; with delayed acknowledgements that costs
-    ~40 ms per file.  The kernel leaves quick-ack mode on its own, so it is
-    switched on again after each PDU sent, before the response is read.
-    """
-    sock = event.assoc.dul.socket
-    raw = sock.socket if sock is not None else None
-    if raw is not None and hasattr(socket, "TCP_QUICKACK") and raw.family in (
-            socket.AF_INET, socket.AF_INET6):
-        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
 
 
 def _store(assoc: object, path: Path, message_id: int) -> tuple[int | None, str]:
