@@ -243,7 +243,7 @@ def _routing(orthanc: Orthanc, study_uid: str, count: int) -> str:
         tag = f"lungnode routing: study {study_uid}:"
         return [line.split("Lua says: ", 1)[-1] for line in orthanc.log_text().splitlines() if tag in line]
 
-    found = wait_for(lambda: lines() if len(lines()) >= count else [], 30, 0.2,
+    found = wait_for(lambda: lines() if len(lines()) >= count else [], 60, 0.2,
                      f"routing decision {count} for study {study_uid}")
     return found[count - 1]
 
@@ -345,4 +345,4 @@ def test_routing_sends_a_series_again_when_it_gained_instances(routing: tuple[Or
                 # received (and marked) under the same name, so a read can catch it half-written
                 return False
 
-        wait_for(whole_series, 30, 0.2, "the whole series")
+        wait_for(whole_series, 60, 0.2, "the whole series")
