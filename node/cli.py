@@ -17,17 +17,19 @@ from typing import Annotated
 
 import pydicom
 import typer
-from rich.console import Console
 from rich.markup import escape
 from rich.progress import Progress
 from rich.table import Table
 from sqlalchemy import or_, select
 
-from node.db import AuditEntry, Job, ResultObject, Series, Study, make_engine, make_session_factory
+from node.cli_labels import label_app
+from node.cli_learning import dataset_app, model_app, train_command
+from node.cli_support import ConfigOpt, console, err_console, error, sessions, settings, state
+from node.db import AuditEntry, Job, ResultObject, Series, Study
 from node.errors import ConfigError, DeliveryError, LungnodeError
 from node.migrate import upgrade
 from node.records import StoredInstance, StoredStudy
-from node.settings import Settings, load_settings
+from node.settings import Settings
 
 app = typer.Typer(help="lungnode: DICOM analysis node for chest CT.", no_args_is_help=True,
                   pretty_exceptions_enable=False, rich_markup_mode=None)
@@ -38,45 +40,15 @@ config_app = typer.Typer(help="Configuration.", rich_markup_mode=None)
 app.add_typer(deliveries_app, name="deliveries")
 app.add_typer(db_app, name="db")
 app.add_typer(config_app, name="config")
+app.add_typer(label_app, name="label")
+app.add_typer(dataset_app, name="dataset")
+app.add_typer(model_app, name="model")
 
-console = Console(soft_wrap=True)
-err_console = Console(stderr=True, soft_wrap=True)
 logger = logging.getLogger("lungnode")
-
-ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="TOML configuration file "
-                                                "(default $LUNGNODE_CONFIG or config/lungnode.toml)")]
-
-
-def _error(message: str) -> None:
-    """Print ``message`` in red on stderr exactly as written.
-
-    Rich markup is off: the node's messages name configuration sections such as
-    ``[dicom]`` and ``[[peers]]``, which markup would swallow as style tags.
-    """
-    err_console.print(message, style="red", markup=False, highlight=False)
-
-
-class _State:
-    config: Path | None = None
-    settings: Settings | None = None
-
-
-_state = _State()
-
-
-def _settings() -> Settings:
-    if _state.settings is None:
-        try:
-            _state.settings = load_settings(_state.config)
-        except ConfigError as exc:
-            _error(f"configuration error: {exc}")
-            raise typer.Exit(2) from exc
-        logging.basicConfig(level=_state.settings.log_level.upper(),
-                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-        logging.getLogger("alembic").setLevel(logging.WARNING)
-        logging.getLogger("apscheduler").setLevel(logging.WARNING)
-        logging.getLogger("pynetdicom").setLevel(logging.WARNING)
-    return _state.settings
+_error = error
+_settings = settings
+_sessions = sessions
+_state = state
 
 
 @app.callback()
@@ -84,12 +56,6 @@ def main(config: ConfigOpt = None) -> None:
     """lungnode: receive chest CT, analyse it, send SR/SEG/summary back."""
     _state.config = config
     _state.settings = None
-
-
-def _sessions():  # type: ignore[no-untyped-def]
-    s = _settings()
-    upgrade(s.database.url)
-    return make_session_factory(make_engine(s.database.url))
 
 
 def _load_predictor(s: Settings):  # type: ignore[no-untyped-def]
@@ -442,3 +408,6 @@ def config_show(config: ConfigOpt = None) -> None:
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(app())
+
+
+app.command("train")(train_command)

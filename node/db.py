@@ -37,6 +37,14 @@ __all__ = [
     "Instance",
     "Job",
     "JobState",
+    "DatasetManifest",
+    "LabelEvent",
+    "LabelSource",
+    "LabelValue",
+    "LearnStudy",
+    "PatientFold",
+    "RunState",
+    "TrainingRun",
     "ResultObject",
     "Series",
     "Study",
@@ -112,6 +120,38 @@ class DeliveryState(enum.StrEnum):
     SENDING = "sending"
     SENT = "sent"
     DEAD = "dead"
+
+
+class LabelValue(enum.StrEnum):
+    """A study's severity label: the network's five classes, or COVID-19 of unknown severity."""
+
+    NON_COVID = "non-covid"
+    MILD = "mild"
+    MODERATE = "moderate"
+    SEVERE = "severe"
+    CRITICAL = "critical"
+    COVID_UNKNOWN = "covid-unknown"
+    """COVID-19 present, severity not known: a partial label (trains P(COVID) only)."""
+
+
+class LabelSource(enum.StrEnum):
+    """Where a label event came from."""
+
+    CLI = "cli"
+    CSV = "csv"
+    WEB = "web"
+    DICOM = "dicom"
+    IMPORT = "import"
+    """A public dataset's own label (``lungnode dataset import-...``)."""
+
+
+class RunState(enum.StrEnum):
+    """Where a training run is."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
 
 
 def _enum(cls: type[enum.StrEnum]) -> Enum:
@@ -253,6 +293,112 @@ class AuditEntry(Base):
     study_id: Mapped[int | None] = mapped_column(
         ForeignKey("studies.id", ondelete="SET NULL"), index=True)
     detail: Mapped[str | None] = mapped_column(Text)
+
+
+class LearnStudy(Base):
+    """A study that can be training material: an archived (de-identified) study or an imported one.
+
+    Holds pseudonyms only: the de-identified Study Instance UID and Patient ID of the
+    archive copy (or the public dataset's own identifiers), never the originals.
+    """
+
+    __tablename__ = "learn_studies"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    origin: Mapped[str] = mapped_column(String(16))
+    """``archive``, ``mosmed`` or ``cov19ctdb``."""
+    study_id: Mapped[int | None] = mapped_column(
+        ForeignKey("studies.id", ondelete="SET NULL"), unique=True)
+    """The node's study (archive origin only)."""
+    pseudo_study_uid: Mapped[str] = mapped_column(String(128), unique=True)
+    pseudo_patient_id: Mapped[str] = mapped_column(String(128), index=True)
+    source_path: Mapped[str] = mapped_column(String(512))
+    """Archive: the archived series folder relative to the archive root; imports: the source file
+    or folder as imported."""
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class LabelEvent(Base):
+    """One entry of a study's append-only label history; the current label is derived."""
+
+    __tablename__ = "label_events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    learn_study_id: Mapped[int] = mapped_column(
+        ForeignKey("learn_studies.id", ondelete="CASCADE"), index=True)
+    value: Mapped[LabelValue | None] = mapped_column(_enum(LabelValue))
+    """``None``: a retraction of the event it supersedes."""
+    source: Mapped[LabelSource] = mapped_column(_enum(LabelSource))
+    actor: Mapped[str] = mapped_column(String(128))
+    """Who: a user name, ``AE_TITLE/observer`` for DICOM, the dataset for imports."""
+    at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+    reason: Mapped[str | None] = mapped_column(Text)
+    supersedes_id: Mapped[int | None] = mapped_column(ForeignKey("label_events.id"))
+    source_ref: Mapped[str | None] = mapped_column(String(200), index=True)
+    """What carried it: ``sr:<SOP Instance UID>``, ``csv:<file sha256>``, ``mosmed:<file>`` ..."""
+
+
+class PatientFold(Base):
+    """The fold of a pseudonymous patient: assigned once, never moved."""
+
+    __tablename__ = "patient_folds"
+
+    pseudo_patient_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    fold: Mapped[int] = mapped_column(Integer)
+    stratum: Mapped[str] = mapped_column(String(16))
+    """The label the patient had when the fold was assigned (the stratification)."""
+    assigned_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class DatasetManifest(Base):
+    """A frozen dataset (``training``) or a locked evaluation set (``locked-eval``)."""
+
+    __tablename__ = "datasets"
+    __table_args__ = (UniqueConstraint("kind", "version", name="uq_datasets_kind_version"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    version: Mapped[int] = mapped_column(Integer)
+    digest: Mapped[str] = mapped_column(String(64), index=True)
+    as_of: Mapped[datetime] = mapped_column()
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    created_by: Mapped[str] = mapped_column(String(128))
+    path: Mapped[str] = mapped_column(String(512))
+    """The manifest JSON, relative to ``[training] root``."""
+    study_count: Mapped[int] = mapped_column(Integer)
+    summary: Mapped[str | None] = mapped_column(Text)
+    """JSON: label counts by class and source, folds."""
+
+
+class TrainingRun(Base):
+    """One training of a candidate model on a frozen dataset."""
+
+    __tablename__ = "training_runs"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    dataset_id: Mapped[int | None] = mapped_column(ForeignKey("datasets.id", ondelete="SET NULL"),
+                                                   index=True)
+    state: Mapped[RunState] = mapped_column(_enum(RunState), default=RunState.QUEUED, index=True)
+    trigger: Mapped[str] = mapped_column(String(16))
+    """``cli`` or ``schedule``."""
+    slot: Mapped[str | None] = mapped_column(String(64), unique=True)
+    """Scheduled runs: the schedule's fire time; unique, so two nodes start one run per slot."""
+    created_by: Mapped[str] = mapped_column(String(128))
+    lease_owner: Mapped[str | None] = mapped_column(String(128))
+    lease_expires_at: Mapped[datetime | None] = mapped_column()
+    pid: Mapped[int | None] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column()
+    finished_at: Mapped[datetime | None] = mapped_column()
+    run_dir: Mapped[str | None] = mapped_column(String(512))
+    """Checkpoints, log and report, relative to ``[training] root``."""
+    candidate: Mapped[str | None] = mapped_column(String(128))
+    """The model name written into the candidates' registry."""
+    params: Mapped[str | None] = mapped_column(Text)
+    """JSON of the run's options (epochs, seed, architecture ...)."""
+    metrics: Mapped[str | None] = mapped_column(Text)
+    """JSON of the best epoch's validation metrics."""
+    error: Mapped[str | None] = mapped_column(Text)
 
 
 def _sqlite_pragmas(dbapi_connection: object, connection_record: object, *,

@@ -28,6 +28,7 @@ __all__ = [
     "SelectionSettings",
     "Settings",
     "StorageSettings",
+    "TrainingSettings",
     "WebSettings",
     "WorkerSettings",
     "default_config_path",
@@ -168,6 +169,32 @@ class WebSettings(_Section):
     port: int = Field(8088, ge=1, le=65535)
 
 
+class TrainingSettings(_Section):
+    """Labels, frozen datasets and retraining (:mod:`node.learn`, :mod:`training`)."""
+
+    root: Path | None = None
+    """Tensors, manifests, runs and candidate models; ``None``: ``<storage root>/learn``."""
+    folds: int = Field(5, ge=2, le=20)
+    """Folds of the patient-grouped split; fold 0 validates (chooses the best epoch)."""
+    architecture: Literal["compact3d", "cov3d"] = "compact3d"
+    epochs: int = Field(20, ge=1)
+    batch_size: int = Field(4, ge=1)
+    learning_rate: float = Field(1e-3, gt=0)
+    seed: int = 0
+    class_balanced: bool = True
+    """Draw training batches class-balanced (COVID-Net CT-S) instead of uniformly."""
+    schedule: str | None = None
+    """Cron expression (minute hour day month weekday) of scheduled retraining; ``None``: never."""
+    min_new_labels: int = Field(20, ge=0)
+    """A scheduled run starts only when this many label events arrived since the last run."""
+    threads: int = Field(1, ge=1)
+    """torch CPU threads of a scheduled run (the listener and the analysis keep the rest)."""
+    nice: int = Field(10, ge=0, le=19)
+    """Niceness of a scheduled run's process."""
+    lease_seconds: float = Field(300.0, gt=0)
+    """A running run renews its lease; one whose lease expired is failed by the next tick."""
+
+
 class Settings(BaseSettings):
     """The whole configuration; see ``config/lungnode.toml`` for every key."""
 
@@ -186,6 +213,7 @@ class Settings(BaseSettings):
     peers: list[Peer] = Field(default_factory=list)
     delivery: DeliverySettings = Field(default_factory=lambda: DeliverySettings())
     web: WebSettings = Field(default_factory=lambda: WebSettings())
+    training: TrainingSettings = Field(default_factory=lambda: TrainingSettings())
     log_level: str = "INFO"
     config_path: Path | None = None
 
@@ -212,6 +240,11 @@ class Settings(BaseSettings):
     @property
     def archive_root(self) -> Path:
         return self.storage.root / "archive"
+
+    @property
+    def learn_root(self) -> Path:
+        """``[training] root``, or ``<storage root>/learn``."""
+        return self.training.root if self.training.root is not None else self.storage.root / "learn"
 
     @property
     def results_root(self) -> Path:
@@ -269,6 +302,8 @@ def load_settings(path: Path | None = None) -> Settings:
     settings.database.url = _resolve_sqlite(base, settings.database.url)
     if settings.model.registry is not None:
         settings.model.registry = _resolve(base, settings.model.registry)
+    if settings.training.root is not None:
+        settings.training.root = _resolve(base, settings.training.root)
     settings.config_path = path
     names = {p.name for p in settings.peers}
     missing = [d for d in settings.delivery.destinations if d not in names]
