@@ -22,8 +22,9 @@ from rich.progress import Progress
 from rich.table import Table
 from sqlalchemy import or_, select
 
+from node.cli_datasets import dataset_app
 from node.cli_labels import label_app
-from node.cli_learning import dataset_app, model_app, train_command
+from node.cli_learning import model_app, train_command
 from node.cli_support import ConfigOpt, console, err_console, error, sessions, settings, state
 from node.db import AuditEntry, Job, ResultObject, Series, Study
 from node.errors import ConfigError, DeliveryError, LungnodeError

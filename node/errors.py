@@ -11,13 +11,16 @@ from model.errors import AnalysisError
 __all__ = [
     "AnalysisError",
     "ConfigError",
+    "DatasetError",
     "DeliveryError",
     "IllegalTransition",
+    "LabelError",
     "LungnodeError",
     "ReportError",
     "SelectionError",
     "AnonymizationError",
     "StorageError",
+    "TrainingError",
 ]
 
 
@@ -51,3 +54,15 @@ class DeliveryError(LungnodeError):
 
 class IllegalTransition(LungnodeError):
     """A study state change that the state table does not allow."""
+
+
+class LabelError(LungnodeError):
+    """A label cannot be recorded (unknown study, not archived, unknown value)."""
+
+
+class DatasetError(LungnodeError):
+    """A dataset cannot be frozen, locked, imported or compared."""
+
+
+class TrainingError(LungnodeError):
+    """A training run cannot be started, resumed or recorded."""
