@@ -1,4 +1,4 @@
-"""The state tables of studies, jobs and deliveries, and the functions that change them.
+"""The state tables of studies, jobs, deliveries and training runs, and the functions that change them.
 
 Each table maps a state to the states it may move to; one function per kind of
 row performs every change of its state and refuses any change the table does
@@ -9,22 +9,42 @@ a row in a state nothing expects.
 from __future__ import annotations
 
 import logging
+from typing import TypeVar
 
 from sqlalchemy.orm import Session
 
-from node.db import AuditEntry, Delivery, DeliveryState, Job, JobState, Study, StudyState
+from node.db import (
+    AuditEntry,
+    Delivery,
+    DeliveryState,
+    Job,
+    JobState,
+    RunState,
+    Study,
+    StudyState,
+    TrainingRun,
+)
 from node.errors import IllegalTransition
+
+_E = TypeVar("_E", StudyState, JobState, DeliveryState, RunState)
 
 __all__ = [
     "DELIVERY_TRANSITIONS",
     "JOB_TRANSITIONS",
+    "RUN_TRANSITIONS",
     "TRANSITIONS",
     "transition",
     "transition_delivery",
     "transition_job",
+    "transition_run",
 ]
 
 logger = logging.getLogger(__name__)
+
+
+def _check(table: dict[_E, frozenset[_E]], old: _E, new: _E, what: str) -> None:
+    if new not in table[old]:
+        raise IllegalTransition(f"{what}: {old.value} -> {new.value} is not allowed")
 
 S = StudyState
 
@@ -55,10 +75,7 @@ def transition(
         The state table does not allow the change.
     """
     old = study.state
-    if new not in TRANSITIONS[old]:
-        raise IllegalTransition(
-            f"study {study.study_instance_uid}: {old.value} -> {new.value} is not allowed"
-        )
+    _check(TRANSITIONS, old, new, f"study {study.study_instance_uid}")
     study.state = new
     study.reason = reason
     session.add(AuditEntry(actor=actor, action=f"state:{new.value}", study_id=study.id,
@@ -90,8 +107,7 @@ def transition_job(job: Job, new: JobState) -> None:
         :data:`JOB_TRANSITIONS` does not allow the change.
     """
     old = job.state
-    if new not in JOB_TRANSITIONS[old]:
-        raise IllegalTransition(f"job {job.id}: {old.value} -> {new.value} is not allowed")
+    _check(JOB_TRANSITIONS, old, new, f"job {job.id}")
     job.state = new
     logger.debug("job %s (study id %s): %s -> %s", job.id, job.study_id, old.value, new.value)
 
@@ -120,10 +136,35 @@ def transition_delivery(delivery: Delivery, new: DeliveryState) -> None:
         :data:`DELIVERY_TRANSITIONS` does not allow the change.
     """
     old = delivery.state
-    if new not in DELIVERY_TRANSITIONS[old]:
-        raise IllegalTransition(
-            f"delivery {delivery.id} to {delivery.destination}: {old.value} -> {new.value} "
-            "is not allowed")
+    _check(DELIVERY_TRANSITIONS, old, new, f"delivery {delivery.id} to {delivery.destination}")
     delivery.state = new
     logger.debug("delivery %s to %s: %s -> %s", delivery.id, delivery.destination, old.value,
                  new.value)
+
+
+R = RunState
+RUN_TRANSITIONS: dict[RunState, frozenset[RunState]] = {
+    # its process started training
+    R.QUEUED: frozenset({R.RUNNING, R.FAILED}),
+    # a candidate was written (succeeded), an error, a crash or an expired lease (failed), or
+    # `lungnode train --resume` took over a run whose process is gone (running)
+    R.RUNNING: frozenset({R.SUCCEEDED, R.FAILED, R.RUNNING}),
+    # `lungnode train --resume` continues from the last checkpoint
+    R.FAILED: frozenset({R.RUNNING}),
+    # a run ends once; training again is a new run
+    R.SUCCEEDED: frozenset(),
+}
+
+
+def transition_run(run: TrainingRun, new: RunState) -> None:
+    """Move ``run`` to ``new``; the caller sets the other columns and commits.
+
+    Raises
+    ------
+    IllegalTransition
+        :data:`RUN_TRANSITIONS` does not allow the change.
+    """
+    old = run.state
+    _check(RUN_TRANSITIONS, old, new, f"training run {run.id}")
+    run.state = new
+    logger.info("training run %s: %s -> %s", run.id, old.value, new.value)
