@@ -16,13 +16,15 @@ import threading
 from datetime import datetime, timedelta
 
 from apscheduler.schedulers.background import BackgroundScheduler  # type: ignore[import-untyped]
+from apscheduler.triggers.cron import CronTrigger  # type: ignore[import-untyped]
 from sqlalchemy.orm import Session, sessionmaker
 
 from node.db import make_engine, make_session_factory, utcnow
 from node.dicom.catalog import Catalog
 from node.dicom.scp import StoreSCP
 from node.dicom.storage import InstanceStore
-from node.errors import ConfigError
+from node.errors import ConfigError, TrainingError
+from node.learn.runs import claim_slot, expire_stale_runs, launch_run
 from node.migrate import upgrade
 from node.pipeline import NodeContext, Predictor, WarmUpStudy, archive_pending, run_job, warm_up
 from node.settings import Settings
@@ -82,6 +84,8 @@ class Node:
         self.scheduler: BackgroundScheduler | None = None
         """The ticks' scheduler while the node runs (``None`` before :meth:`start`)."""
         self._web: WebServer | None = None
+        self.training_watchers: list[threading.Thread] = []
+        """Threads that wait for scheduled training processes and record how they ended."""
 
     # -- periodic work ---------------------------------------------------------
     # The interval ticks are the fallback; hand-offs within the process do not wait for them:
@@ -147,6 +151,29 @@ class Node:
             return
         logger.info("warm-up analysis done in %.1f s", seconds)
 
+    def training_tick(self) -> None:
+        """The ``[training] schedule`` fired: claim this minute's slot and start the run's process.
+
+        The slot is the fire time to the minute, so nodes sharing one database whose
+        schedulers fire together claim the same slot and exactly one of them trains.
+        """
+        fire = utcnow().replace(second=0, microsecond=0)
+        run_id = claim_slot(self.sessions, self.settings, fire, created_by=f"schedule@{self.owner}")
+        if run_id is None:
+            return
+        try:
+            self.training_watchers.append(
+                launch_run(self.sessions, self.settings, run_id, log_dir=self.settings.learn_root / "logs"))
+        except TrainingError as exc:
+            logger.error("%s", exc)
+
+    def training_lease_tick(self) -> None:
+        """Fail training runs whose process stopped renewing its lease (a crash of a whole node)."""
+        with self.sessions() as session:
+            stale = expire_stale_runs(session)
+        if stale:
+            logger.warning("training runs %s stopped renewing their lease; marked failed", stale)
+
     def _worker_loop(self) -> None:
         while not self.stopping.is_set():
             if not self.work_once():
@@ -175,6 +202,14 @@ class Node:
             if s.delivery.destinations:
                 sched.add_job(self.outbox_tick, "interval", seconds=s.delivery.poll_seconds,
                               id="outbox", max_instances=1, coalesce=True)
+            if s.training.schedule:
+                # validated when the settings were loaded
+                trigger = CronTrigger.from_crontab(s.training.schedule, timezone="UTC")
+                sched.add_job(self.training_tick, trigger, id="training", max_instances=1,
+                              coalesce=True, misfire_grace_time=30)
+                sched.add_job(self.training_lease_tick, "interval",
+                              seconds=max(5.0, s.training.lease_seconds / 3), id="training-leases",
+                              max_instances=1, coalesce=True)
             sched.start()
             self.scheduler = sched
         if self._work:

@@ -194,6 +194,20 @@ class TrainingSettings(_Section):
     lease_seconds: float = Field(300.0, gt=0)
     """A running run renews its lease; one whose lease expired is failed by the next tick."""
 
+    @field_validator("schedule")
+    @classmethod
+    def _cron(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        from apscheduler.triggers.cron import CronTrigger  # type: ignore[import-untyped]
+
+        try:
+            CronTrigger.from_crontab(value, timezone="UTC")
+        except ValueError as exc:
+            raise ValueError(f"{value!r} is not a cron expression (minute hour day month weekday, "
+                             f"UTC): {exc}") from exc
+        return value.strip()
+
 
 class Settings(BaseSettings):
     """The whole configuration; see ``config/lungnode.toml`` for every key."""
