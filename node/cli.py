@@ -24,7 +24,7 @@ from sqlalchemy import or_, select
 
 from node.cli_datasets import dataset_app
 from node.cli_labels import label_app
-from node.cli_learning import model_app, train_command
+from node.cli_learning import model_app, runs_command, train_command
 from node.cli_support import ConfigOpt, console, err_console, error, sessions, settings, state
 from node.db import AuditEntry, Job, ResultObject, Series, Study
 from node.errors import ConfigError, DeliveryError, LungnodeError
@@ -412,3 +412,4 @@ if __name__ == "__main__":  # pragma: no cover
 
 
 app.command("train")(train_command)
+app.command("runs")(runs_command)

@@ -230,13 +230,14 @@ def run_command(settings: Settings, run_id: int) -> list[str]:
 
 
 def launch_run(sessions: sessionmaker[Session], settings: Settings, run_id: int, *,
-               log_dir: Path) -> threading.Thread:
+               log_dir: Path, command: list[str] | None = None) -> threading.Thread:
     """Start the run's child process and a thread that records how it ended.
 
     The child gets ``[training] threads`` for torch and the math libraries and
     ``[training] nice``; its output goes to ``<log_dir>/run-<id>.log``.  When
     it exits without having recorded an outcome (a crash, a kill by the
-    out-of-memory killer), the run is failed with the exit status.
+    out-of-memory killer), the run is failed with the exit status.  ``command``
+    replaces :func:`run_command` (tests).
     """
     log_dir.mkdir(parents=True, exist_ok=True)
     threads = str(settings.training.threads)
@@ -245,8 +246,9 @@ def launch_run(sessions: sessionmaker[Session], settings: Settings, run_id: int,
     log_path = log_dir / f"run-{run_id}.log"
     log = log_path.open("ab")
     try:
-        proc = subprocess.Popen(run_command(settings, run_id), stdout=log, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, env=env, start_new_session=True)
+        proc = subprocess.Popen(command or run_command(settings, run_id), stdout=log,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                                start_new_session=True)
     except OSError as exc:
         log.close()
         with sessions() as session:
