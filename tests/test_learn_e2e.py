@@ -1,0 +1,97 @@
+"""Retraining end to end through the real node.
+
+Synthetic studies of several patients go to a running node over DICOM
+(DCMTK storescu); the node analyses and archives them; an administrator
+labels them with a CSV of accession numbers, freezes a dataset, trains a
+candidate, and finds it in ``lungnode model list`` with a card that names the
+dataset it was trained on.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+from sqlalchemy import func, select
+from typer.testing import CliRunner
+
+from node.cli import app
+from node.db import RunState, Study, StudyState, UidMapping
+from node.service import Node
+from node.settings import Settings
+from tests.dcmtk import wait_for
+from tests.peers import free_port, storescu
+from training.synth import SynthSpec, write_study
+
+# (patient, involvement, label): two studies of P1 (one fold), classes 0-3 and a partial label
+STUDIES = [
+    ("P1", 0.0, "non-covid"), ("P1", 0.15, "mild"), ("P2", 0.35, "moderate"),
+    ("P3", 0.6, "severe"), ("P4", 0.1, "covid-unknown"), ("P5", 0.0, "non-covid"),
+]
+
+
+def _cli(*args: str) -> dict | list:  # type: ignore[type-arg]
+    result = CliRunner().invoke(app, list(args), catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_studies_received_labelled_frozen_trained(tmp_path: Path,
+                                                 make_settings: Callable[..., Settings]) -> None:
+    port = free_port()
+    settings = make_settings(
+        f"sqlite:///{tmp_path / 'node.db'}", port=port,
+        peers=[{"name": "ct", "ae_title": "STORESCU", "host": "127.0.0.1", "port": 104}],
+        model={"enabled": False},
+        training={"folds": 3, "epochs": 2, "batch_size": 2},
+    )
+    config = str(settings.config_path)
+    folders = []
+    for i, (patient, involvement, _label) in enumerate(STUDIES):
+        synth = write_study(tmp_path / "src" / f"s{i}", SynthSpec(
+            seed=700 + i, involvement=involvement, rows=64, slices=40, slice_thickness_mm=5.0,
+            patient_id=patient, accession_number=f"E2E{i:03d}"))
+        folders.append(synth.dicom_dir)
+    node = Node(settings)
+    node.start()
+    try:
+        for folder in folders:
+            storescu([folder], "127.0.0.1", port, "LUNGNODE")
+
+        def archived() -> bool:
+            with node.sessions() as s:
+                done = s.scalar(select(func.count(Study.id)).where(Study.state == StudyState.COMPLETE))
+                mapped = s.scalar(select(func.count(func.distinct(UidMapping.study_id))))
+            return done == len(STUDIES) and mapped == len(STUDIES)
+
+        wait_for(archived, 300, 0.5, "every study analysed and archived")
+    finally:
+        node.stop()
+
+    csv = tmp_path / "labels.csv"
+    csv.write_text("study,severity\n" + "".join(f"E2E{i:03d},{label}\n"
+                                                for i, (_p, _inv, label) in enumerate(STUDIES)))
+    runner = CliRunner()
+    imported = runner.invoke(app, ["label", "import", str(csv), "--config", config], catch_exceptions=False)
+    assert imported.exit_code == 0, imported.output
+    labels = _cli("label", "list", "--json", "--config", config)
+    assert sorted(str(row["value"]) for row in labels) == sorted(label for *_x, label in STUDIES)
+
+    manifest = _cli("dataset", "freeze", "--json", "--config", config)
+    assert isinstance(manifest, dict)
+    patients = {}
+    for item in manifest["items"]:
+        patients.setdefault(item["patient"], set()).add(item["fold"])
+    assert len(patients) == 5 and all(len(f) == 1 for f in patients.values())
+
+    result = _cli("train", "--json", "--config", config)
+    assert isinstance(result, dict)
+    models = _cli("model", "list", "--json", "--config", config)
+    candidate = next(m for m in models if isinstance(m, dict) and m["name"] == result["candidate"])
+    assert candidate["kind"] == "candidate"
+    assert candidate["dataset_digest"] == manifest["digest"]
+    runs = _cli("runs", "--json", "--config", config)
+    assert [(r["state"], r["candidate"]) for r in runs] == [(RunState.SUCCEEDED.value, result["candidate"])]
+    card = json.loads((settings.learn_root / "models" / f"{result['candidate']}.json").read_text())
+    assert card["training"]["dataset_digest"] == manifest["digest"]
