@@ -136,7 +136,9 @@ def test_run_learns_is_reproducible_and_resumes_after_sigkill(manifest_path: Pat
     assert t["best_epoch"] == a.best_epoch and t["options"]["seed"] == OPTIONS.seed
     assert set(t["versions"]) >= {"torch", "numpy", "lungnode"} and t["git_revision"]
     assert card.input_size == CONFIG.input_size and card.window == CONFIG.window
-    assert set(card.metrics) == {"validation", "locked_eval"} and card.metrics["locked_eval"]["n"] == 3
+    assert card.metrics["locked_eval"]["n"] == 3 and card.metrics["validation"]["epoch"] == a.best_epoch
+    assert card.metrics["severity_macro_f1"] == card.metrics["validation"]["severity_macro_f1"]
+    assert t["dataset_digest"] == manifest.digest
     load_model("cand", tmp_path / "reg-a")  # the registry accepts it
     run_a = tmp_path / "run-a"
     for name in ("report.md", "loss.png", "confusion_validation.png", "reliability_validation.png",

@@ -127,7 +127,7 @@ def reliability_png(probs: Sequence[Sequence[float]], targets: Sequence[int], pa
     for conf, acc, count in bins:
         b = min(int(conf * 10), 9)
         draw.rectangle((x0 + b * w + 2, y1 - (y1 - y0) * acc, x0 + (b + 1) * w - 2, y1), fill=_BLUE)
-        draw.text((x0 + b * w + 4, y1 - (y1 - y0) * acc - 14), str(count), fill=_BLACK)
+        draw.text((x0 + b * w + 4, max(y0 + 2, y1 - (y1 - y0) * acc - 14)), str(count), fill=_BLACK)
     for t in range(0, 11, 2):
         draw.text((x0 + (x1 - x0) * t / 10 - 8, y1 + 6), f"{t / 10:.1f}", fill=_BLACK)
         draw.text((20, y1 - (y1 - y0) * t / 10 - 6), f"{t / 10:.1f}", fill=_BLACK)

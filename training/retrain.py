@@ -52,6 +52,7 @@ Command line (prints the :class:`RunResult` as one JSON object on rank 0)::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import dataclasses
 import hashlib
@@ -161,7 +162,9 @@ class RunResult:
     report: str
     best_epoch: int
     metrics: dict[str, Any]
-    """``validation`` (best epoch) and, if the manifest has one, ``locked_eval``."""
+    """``validation`` (best epoch) and, if the manifest has one, ``locked_eval`` (the same keys:
+    ``loss``, ``severity_macro_f1``, ``presence_f1``, ``per_class_recall``, ``confusion_matrix`` ...);
+    ``severity_macro_f1`` and ``presence_f1`` repeat the validation figures at the top level."""
     epochs_completed: int
     history: list[dict[str, Any]] = field(default_factory=list)
 
@@ -417,6 +420,9 @@ def train_run(manifest_path: Path, run_dir: Path, registry_dir: Path, options: R
                           progress=progress and rank == 0, rank=rank, world=world, device=device)
     finally:
         if created_group:
+            # every rank past its last collective before the group goes (gloo aborts otherwise)
+            with contextlib.suppress(RuntimeError):
+                dist.barrier()
             dist.destroy_process_group()
 
 
@@ -574,8 +580,10 @@ def _finish(manifest: Manifest, manifest_path: Path, splits: Any, run_dir: Path,
     val = evaluate(final, val_ds, device, loss_fn, batch)
     locked = evaluate(final, locked_ds, device, loss_fn, batch) if len(locked_ds) else None
     final = final.cpu().eval()
-    metrics: dict[str, Any] = {"validation": {**val.metrics, "epoch": best_epoch,
-                                              "set": "manifest fold 0 (chooses the best epoch)"}}
+    metrics: dict[str, Any] = {
+        # the validation figures that chose the epoch, also at the top level for the run list
+        "severity_macro_f1": val.metrics["severity_macro_f1"], "presence_f1": val.metrics["presence_f1"],
+        "validation": {**val.metrics, "epoch": best_epoch, "set": "manifest fold 0 (chooses the best epoch)"}}
     if locked is not None:
         metrics["locked_eval"] = {**locked.metrics, "set": "manifest locked-eval split; evaluated once at "
                                   "the end, never trained on and never used to choose", **(
@@ -585,6 +593,7 @@ def _finish(manifest: Manifest, manifest_path: Path, splits: Any, run_dir: Path,
     dev_name = str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")
     training = {
         "trainer": "training.retrain",
+        "dataset_digest": manifest.digest, "dataset_id": manifest.id,
         "manifest": {"id": manifest.id, "digest": manifest.digest, "kind": manifest.kind,
                      "version": manifest.version, "path": str(manifest_path), "as_of": manifest.as_of,
                      "locked_eval": manifest.locked_eval},
