@@ -4,6 +4,14 @@ The C-STORE handler stays tiny: check space, decode the identifiers with pydicom
 validate the UIDs, write ``event.encoded_dataset()`` (file meta and data set) to disk
 atomically, insert the instance row, answer.  No pixel data is decoded here; analysis
 happens in the worker.
+
+Structured reports (Comprehensive, Enhanced, Comprehensive 3D SR) are accepted
+from known peers only, as a radiologist's severity label
+(:mod:`node.learn.sr_labels`): the file goes to ``<storage root>/labels/`` and the
+label into the label history (:class:`node.learn.labels.LabelRecorder`); it is
+never an instance of the CT study, so it queues no analysis.  An SR without a
+label, or for a study the node has not archived, is refused with a status and
+recorded.
 """
 
 from __future__ import annotations
@@ -44,13 +52,16 @@ from pynetdicom.transport import ThreadedAssociationServer
 from model.volume import MARKER_ENDED_SYNTAXES, has_end_marker
 from node.dicom.catalog import Catalog, InstanceRecord
 from node.dicom.sockets import no_delay
-from node.dicom.storage import InstanceStore, validate_uid
-from node.errors import StorageError
+from node.dicom.storage import InstanceStore, atomic_write, validate_uid
+from node.errors import LabelError, StorageError
+from node.learn.labels import LabelRecorder
+from node.learn.sr_labels import LABEL_SR_SOP_CLASSES, parse_label_sr
 from node.settings import DicomSettings, Peer
 
 __all__ = [
     "ACCEPTED_SOP_CLASSES",
     "ACCEPTED_TRANSFER_SYNTAXES",
+    "LABEL_SR_TRANSFER_SYNTAXES",
     "StoreSCP",
     "codestream_cut_short",
 ]
@@ -74,10 +85,19 @@ ACCEPTED_TRANSFER_SYNTAXES: tuple[str, ...] = (
     RLELossless,
 )
 
+LABEL_SR_TRANSFER_SYNTAXES: tuple[str, ...] = (
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+)
+
 STATUS_SUCCESS = 0x0000
 STATUS_OUT_OF_RESOURCES = 0xA700
 STATUS_DATASET_MISMATCH = 0xA900
 STATUS_CANNOT_UNDERSTAND = 0xC000
+STATUS_LABEL_NOT_RECORDED = 0xC001
+"""A labelling SR that names no archived study, or comes from an unknown peer."""
 
 
 def codestream_cut_short(pixel_data: bytes, transfer_syntax: UID) -> bool:
@@ -150,14 +170,18 @@ class StoreSCP:
         ``require_calling_aet``) and, with ``check_peer_host``, their hosts may associate.
     store, catalog:
         Where files and rows go.
+    labels:
+        Records labelling SRs; by default on the catalog's database with the archive at
+        ``<storage root>/archive`` (:attr:`node.settings.Settings.archive_root`).
     """
 
     def __init__(self, settings: DicomSettings, peers: Iterable[Peer], store: InstanceStore,
-                 catalog: Catalog) -> None:
+                 catalog: Catalog, labels: LabelRecorder | None = None) -> None:
         self.settings = settings
         self.peers = list(peers)
         self.store = store
         self.catalog = catalog
+        self.labels = labels or LabelRecorder(catalog.sessions, store.root, store.root / "archive")
         self._ae: AE | None = None
         self._server: ThreadedAssociationServer | None = None
 
@@ -233,6 +257,8 @@ class StoreSCP:
             problem = (f"SOP Class UID {ids.sop_class or '(none)'} of SOP {sop_uid} does not match "
                        f"the presentation context {context_class}")
             return self._refuse(study_uid, STATUS_DATASET_MISMATCH, problem, problem)
+        if ids.sop_class in LABEL_SR_SOP_CLASSES:
+            return self._receive_label(event, calling, sop_uid)
         if ids.pixel_data is None:
             problem = f"SOP {sop_uid} has no pixel data; a CT image needs it"
             return self._refuse(study_uid, STATUS_DATASET_MISMATCH, problem, problem)
@@ -259,6 +285,32 @@ class StoreSCP:
             logger.info("SOP %s received again; already stored as %s", sop_uid, known)
         return None
 
+    def _receive_label(self, event: Event, calling: str, sop_uid: str) -> _Refusal | None:
+        """A radiologist's labelling SR: parse, keep the file, record the label (or refuse)."""
+        if not any(p.ae_title == calling for p in self.peers):
+            msg = f"SR {sop_uid} from {calling!r}: labels are accepted from configured peers only"
+            self.catalog.record_refusal(None, "label-refused", f"{msg}; add it to [[peers]]")
+            return _Refusal(STATUS_LABEL_NOT_RECORDED, "labels only from configured peers")
+        try:
+            label = parse_label_sr(event.dataset)
+        except LabelError as exc:
+            self.catalog.record_refusal(None, "label-refused", f"from {calling}: {exc}")
+            return _Refusal(STATUS_CANNOT_UNDERSTAND, "SR carries no lungnode severity label")
+        path = self.store.root / "labels" / f"{sop_uid}.dcm"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fresh = not path.exists()
+        atomic_write(path, (event.encoded_dataset(),), fsync=self.store.fsync)
+        try:
+            added = self.labels.record(label, calling)
+        except LabelError as exc:
+            if fresh:
+                path.unlink(missing_ok=True)
+            self.catalog.record_refusal(None, "label-refused", f"from {calling}: {exc}")
+            return _Refusal(STATUS_LABEL_NOT_RECORDED, "study unknown or not archived")
+        logger.info("label SR %s from %s: %s", sop_uid, calling,
+                    f"{label.value.value} recorded" if added else "already known")
+        return None
+
     # -- lifecycle -------------------------------------------------------------
     def make_ae(self) -> AE:
         s = self.settings
@@ -274,6 +326,8 @@ class StoreSCP:
             ae.require_calling_aet = sorted({p.ae_title for p in self.peers}) or ["-"]
         for sop_class in ACCEPTED_SOP_CLASSES:
             ae.add_supported_context(sop_class, list(ACCEPTED_TRANSFER_SYNTAXES))
+        for sop_class in LABEL_SR_SOP_CLASSES:
+            ae.add_supported_context(sop_class, list(LABEL_SR_TRANSFER_SYNTAXES))
         ae.add_supported_context(Verification)
         return ae
 
