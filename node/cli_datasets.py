@@ -60,7 +60,8 @@ def _manifest_text(m: Manifest) -> None:
 
 
 def _json(m: Manifest) -> None:
-    print(m.to_json(), end="")
+    """The manifest as one line of JSON (scripts read the last line of the output)."""
+    print(json.dumps(json.loads(m.to_json()), sort_keys=True, separators=(",", ":")))
 
 
 @dataset_app.command("freeze")

@@ -183,6 +183,18 @@ def test_folds_stratified_and_never_moved(make_settings: Callable[..., Settings]
     assert read_manifest(settings.learn_root / "datasets" / "dataset-2.json").digest == second.digest
 
 
+def test_small_dataset_fills_every_fold(make_settings: Callable[..., Settings], tmp_path: Path) -> None:
+    """Five patients of five labels in five folds: one each, so fold 0 can validate."""
+    settings, sessions = _sqlite(make_settings, tmp_path, folds=5)
+    _salt(settings)
+    with sessions() as session:
+        for n, value in enumerate(list(LabelValue)[:5]):
+            _fake(session, settings, f"t:{n}", f"p{n}", value)
+        session.commit()
+        manifest = freeze(session, settings, created_by="test")
+    assert sorted(i.fold for i in manifest.items) == [0, 1, 2, 3, 4]
+
+
 def test_locked_set_never_trained(make_settings: Callable[..., Settings], tmp_path: Path) -> None:
     settings, sessions = _sqlite(make_settings, tmp_path, folds=3)
     _salt(settings)
@@ -233,7 +245,9 @@ def test_cli_freeze_show_diff_list(make_settings: Callable[..., Settings], tmp_p
         session.commit()
     one = runner.invoke(app, ["dataset", "freeze", "--json", "--by", "alice", "--config", config])
     assert one.exit_code == 0, one.output
-    first = json.loads(one.stdout)
+    lines = one.stdout.strip().splitlines()
+    assert len(lines) == 1  # one line of JSON, for scripts
+    first = json.loads(lines[0])
     assert first["created_by"] == "cli:alice" and len(first["items"]) == 1
     with sessions() as session:
         _fake(session, settings, "t:b", "pb", LabelValue.SEVERE)

@@ -8,11 +8,12 @@ manifest is the only thing the trainer reads.
 Folds cannot leak: they are assigned per pseudonymous patient, once, and kept in
 :class:`node.db.PatientFold` for ever.  A patient seen for the first time joins,
 among the ``[training] folds`` folds, the one with the fewest patients of its
-stratum (the label of the patient's first study), ties broken by the keyed hash
-HMAC-SHA256(installation salt, patient ID); the new patients of one freeze are
-taken in keyed-hash order.  So all studies of a patient share a fold, adding
-studies never moves one, and the folds are stratified by label.  Fold 0
-validates (chooses the best epoch).
+stratum (the label of the patient's first study), ties broken first by the
+fewest patients in all (so small datasets still fill every fold, fold 0
+included) and then by the keyed hash HMAC-SHA256(installation salt, patient
+ID); the new patients of one freeze are taken in keyed-hash order.  So all
+studies of a patient share a fold, adding studies never moves one, and the
+folds are stratified by label.  Fold 0 validates (chooses the best epoch).
 
 The locked evaluation set (``lock``) is a versioned list of patients whose
 studies are evaluated at the end and never trained on nor used to choose an
@@ -134,6 +135,7 @@ def assign_folds(session: Session, settings: Settings, labels: Sequence[CurrentL
                            "folds are never moved, so set [training] folds back to at least "
                            f"{max(stored[p].fold for p in too_high) + 1}")
     counts: Counter[tuple[str, int]] = Counter((r.stratum, r.fold) for r in stored.values())
+    totals: Counter[int] = Counter(r.fold for r in stored.values())
     strata = _first_labels(session, labels)
     new = [p for p in strata if p not in stored]
     if new:
@@ -141,10 +143,12 @@ def assign_folds(session: Session, settings: Settings, labels: Sequence[CurrentL
         keyed = sorted((patient_hash(salt, p), p) for p in new)
         for digest, patient in keyed:
             stratum = strata[patient]
-            fewest = min(counts[(stratum, f)] for f in range(folds))
-            tied = [f for f in range(folds) if counts[(stratum, f)] == fewest]
+            rank = {f: (counts[(stratum, f)], totals[f]) for f in range(folds)}
+            fewest = min(rank.values())
+            tied = [f for f in range(folds) if rank[f] == fewest]
             fold = tied[int(digest, 16) % len(tied)]
             counts[(stratum, fold)] += 1
+            totals[fold] += 1
             row = PatientFold(pseudo_patient_id=patient, fold=fold, stratum=stratum)
             session.add(row)
             stored[patient] = row
