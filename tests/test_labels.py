@@ -109,6 +109,13 @@ def test_the_three_keys_name_one_study_and_bad_keys_and_values_say_why(env: Env)
         assert labels.resolve_study(s, env.settings, "ACC-B").pseudo_study_uid == b.anon_study_uid
         s.commit()
     assert env.count(LearnStudy) == 2
+    # a study imported from a public dataset has no node study: its pseudonymous UID names it
+    with env.sessions() as s:
+        s.add(LearnStudy(origin="mosmed", study_id=None, pseudo_study_uid="mosmed-study_0042",
+                         pseudo_patient_id="mosmed-study_0042", source_path="CT-1/study_0042.nii.gz"))
+        s.commit()
+    imported = _set(env, "mosmed-study_0042", "moderate", actor="MosMedData")
+    assert imported is not None and imported.value is LabelValue.MODERATE
     with pytest.raises(LabelError, match="allowed values: non-covid, mild, moderate, severe, "
                                          "critical, covid-unknown"):
         _set(env, a.study_uid, "terrible")
@@ -120,7 +127,7 @@ def test_the_three_keys_name_one_study_and_bad_keys_and_values_say_why(env: Env)
         s.commit()
     with pytest.raises(LabelError, match="not archived yet .*wait until"):
         _set(env, "1.2.3.4.5", "mild")
-    assert env.count(LabelEvent) == 0
+    assert env.count(LabelEvent) == 1  # the imported study's only
 
 
 def test_an_ambiguous_accession_number_lists_the_studies_and_guesses_nothing(env: Env) -> None:

@@ -21,6 +21,7 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    Comprehensive3DSRStorage,
     ComprehensiveSRStorage,
     CTImageStorage,
 )
@@ -33,6 +34,7 @@ from node.db import (
     LabelEvent,
     LabelSource,
     LabelValue,
+    ResultObject,
     Study,
     make_engine,
     make_session_factory,
@@ -41,7 +43,8 @@ from node.dicom.catalog import Catalog
 from node.dicom.scp import StoreSCP
 from node.dicom.storage import InstanceStore
 from node.errors import LabelError
-from node.learn.sr_labels import LABEL_CODES, SEVERITY_LABEL, parse_label_sr
+from node.learn.labels import LabelRecorder
+from node.learn.sr_labels import LABEL_CODES, SEVERITY_LABEL, SrLabel, parse_label_sr
 from node.migrate import upgrade
 from node.settings import Settings
 from tests.learnkit import ArchivedStudy, archive_study
@@ -217,3 +220,39 @@ def test_parse_label_sr_finds_value_observer_study_and_references_or_says_what_i
         parse_label_sr(sr)
     with pytest.raises(LabelError, match="carries no severity label"):
         parse_label_sr(_labelling_sr(ct, None))
+
+
+def test_the_study_is_found_through_the_nodes_own_sr_or_the_de_identified_study_uid(
+        node: Node) -> None:
+    """A viewer may answer in another study, citing the node's SR, or label the archive copy."""
+    recorder = LabelRecorder.from_settings(node.sessions, node.settings)
+    own_sr = generate_uid()
+    with node.sessions() as s:
+        s.add(ResultObject(study_id=node.study.study_id, version=1, kind="sr",
+                           sop_class_uid=Comprehensive3DSRStorage, sop_instance_uid=own_sr,
+                           series_instance_uid=generate_uid(), path="results/x.dcm"))
+        s.commit()
+    citing = SrLabel(value=LabelValue.MILD, observer=None, study_instance_uid=generate_uid(),
+                     sop_instance_uid=generate_uid(), referenced_sop_uids=(own_sr,))
+    assert recorder.record(citing, "VIEWER")
+    in_archive = SrLabel(value=LabelValue.SEVERE, observer="Chase^Robert",
+                         study_instance_uid=node.study.anon_study_uid,
+                         sop_instance_uid=generate_uid(), referenced_sop_uids=())
+    assert recorder.record(in_archive, "VIEWER")
+    assert not recorder.record(in_archive, "VIEWER")  # the same SR again adds nothing
+    events = _events(node)
+    assert [(e.value, e.actor) for e in events] == [
+        (LabelValue.MILD, "VIEWER/unknown observer"), (LabelValue.SEVERE, "VIEWER/Chase^Robert")]
+    # references into two different studies are not guessed between
+    with node.sessions() as s:
+        s.add(Study(study_instance_uid="1.2.3.9"))
+        s.flush()
+        other = s.scalars(select(Study.id).where(Study.study_instance_uid == "1.2.3.9")).one()
+        s.add(ResultObject(study_id=other, version=1, kind="sr", sop_class_uid=ComprehensiveSRStorage,
+                           sop_instance_uid="1.2.3.9.1", series_instance_uid="1.2.3.9.2",
+                           path="results/y.dcm"))
+        s.commit()
+    split = SrLabel(value=LabelValue.MILD, observer=None, study_instance_uid=generate_uid(),
+                    sop_instance_uid=generate_uid(), referenced_sop_uids=(own_sr, "1.2.3.9.1"))
+    with pytest.raises(LabelError, match="2 different studies"):
+        recorder.record(split, "VIEWER")
