@@ -103,6 +103,8 @@ class Manifest:
     items: tuple[ManifestItem, ...]
     locked_eval: dict[str, Any] | None = None
     """``{"id", "version", "digest"}`` of the locked evaluation set applied, if any."""
+    patients: tuple[str, ...] = ()
+    """A locked evaluation set's patients (pseudonymous), labelled studies or not; in the digest."""
     digest: str = ""
     format: str = MANIFEST_FORMAT
     extra: dict[str, Any] = field(default_factory=dict)
@@ -118,6 +120,8 @@ class Manifest:
             "locked_eval": (self.locked_eval or {}).get("digest"),
             "items": [asdict(i) for i in sorted(self.items, key=lambda i: i.study)],
         }
+        if self.patients:
+            content["patients"] = sorted(self.patients)
         text = json.dumps(content, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
@@ -163,7 +167,8 @@ def read_manifest(path: Path) -> Manifest:
         raise ModelError(f"{path} is not a lungnode dataset manifest ({MANIFEST_FORMAT})")
     try:
         items = tuple(ManifestItem(**i) for i in data.pop("items"))
-        manifest = Manifest(items=items, **data)
+        patients = tuple(str(p) for p in data.pop("patients", ()))
+        manifest = Manifest(items=items, patients=patients, **data)
     except (KeyError, TypeError) as exc:
         raise ModelError(f"{path}: malformed manifest ({exc})") from exc
     folds: dict[str, tuple[str, int]] = {}

@@ -16,6 +16,7 @@ import getpass
 import json
 import os
 import socket
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -43,16 +44,35 @@ def _world() -> tuple[int, int]:
 
 
 def _share_run(rank: int, world: int, value: list[Any]) -> list[Any]:
-    """Rank 0's run id and folder, given to every rank (torchrun), through torch.distributed."""
+    """Rank 0's run id, manifest and options, given to every rank (torchrun) by a broadcast."""
     if world <= 1:
         return value
     import torch.distributed as dist
 
-    if not dist.is_initialized():
-        dist.init_process_group("gloo")
     box = [value if rank == 0 else None]
     dist.broadcast_object_list(box, src=0)
     return list(box[0] or [])
+
+
+@contextlib.contextmanager
+def _process_group(world: int) -> Iterator[None]:
+    """Under torchrun, the process group of the whole command (gloo on the CPU, NCCL on GPUs)."""
+    if world <= 1:
+        yield
+        return
+    import torch
+    import torch.distributed as dist
+
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl" if cuda else "gloo")
+    try:
+        yield
+    finally:
+        with contextlib.suppress(RuntimeError):
+            dist.barrier()  # every rank past its last collective before the group goes
+        dist.destroy_process_group()
 
 
 def train_command(
@@ -69,17 +89,29 @@ def train_command(
     by: Annotated[str | None, typer.Option("--by", help="who starts it (default: the OS user)")] = None,
     config: ConfigOpt = None,
 ) -> None:
-    """Train a candidate severity model on a frozen dataset; it goes into the candidates' registry."""
+    """Train a candidate severity model on a frozen dataset; it goes into the candidates' registry.
+
+    Under ``torchrun --nproc_per_node N`` every process runs this command; rank 0 alone
+    records the run and writes the candidate, the others train their share of each batch.
+    """
     use_config(config)
     s = settings()
     rank, world = _world()
+    with _process_group(world):
+        _train(s, rank, world, dataset=dataset, epochs=epochs, architecture=architecture, seed=seed,
+               resume=resume, run=run, as_json=as_json, by=by or getpass.getuser())
+
+
+def _train(s: Any, rank: int, world: int, *, dataset: int | None, epochs: int | None,
+           architecture: str | None, seed: int | None, resume: int | None, run: int | None,
+           as_json: bool, by: str) -> None:
     factory = sessions() if rank == 0 else None
     owner = _owner()
     info: list[Any] = []
     if factory is not None:
         try:
             info = _start(factory, s, dataset=dataset, epochs=epochs, architecture=architecture,
-                          seed=seed, resume=resume, run=run, by=by or getpass.getuser(), owner=owner)
+                          seed=seed, resume=resume, run=run, by=by, owner=owner)
         except LungnodeError as exc:
             _share_run(rank, world, [])
             error(f"cannot train: {exc}")
@@ -89,9 +121,8 @@ def train_command(
         raise typer.Exit(2)
     run_id, manifest_rel, params, resuming = info
     root = s.learn_root
-    from training.retrain import RunOptions, train_run
-
     from model.errors import ModelError
+    from training.retrain import RunOptions, train_run
 
     options = RunOptions(**{k: v for k, v in params.items()
                             if k in {f.name for f in dataclasses.fields(RunOptions)}})
@@ -120,12 +151,17 @@ def train_command(
         print(json.dumps(out, default=str))
     else:
         console.print(f"training run {run_id} succeeded: candidate {out['candidate']} "
-                      f"(best epoch {out.get('best_epoch')}); `lungnode model show {out['candidate']}`")
+                      f"(best epoch {out.get('best_epoch')}); `lungnode model show {out['candidate']}`",
+                      markup=False, highlight=False)
 
 
 def _start(factory: Any, s: Any, *, dataset: int | None, epochs: int | None, architecture: str | None,
            seed: int | None, resume: int | None, run: int | None, by: str, owner: str) -> list[Any]:
-    """Create (or take over) the run's row; returns [run id, manifest path, options, resuming]."""
+    """Create (or take over) the run's row; returns [run id, manifest path, options, resuming].
+
+    The dataset is checked against the latest locked evaluation set first: a dataset frozen
+    before a lock may hold patients that are locked now, and is refused.
+    """
     t = s.training
     if resume is not None and run is not None:
         raise TrainingError("--resume and --run name a run each; give one")
@@ -140,6 +176,7 @@ def _start(factory: Any, s: Any, *, dataset: int | None, epochs: int | None, arc
                     raise TrainingError(f"training run {run_id} has no dataset")
                 row.dataset_id = _freeze_for_run(session, s, f"schedule run {run_id}")
             manifest = session.get_one(DatasetManifest, row.dataset_id)
+            _check_unlocked(session, s, manifest)
             session.commit()
             return [run_id, manifest.path, _options(params, run_id), resume is not None]
         chosen = (session.get(DatasetManifest, dataset) if dataset is not None
@@ -148,6 +185,7 @@ def _start(factory: Any, s: Any, *, dataset: int | None, epochs: int | None, arc
             what = f"dataset {dataset} is not a frozen training dataset" if dataset is not None \
                 else "there is no frozen dataset yet"
             raise TrainingError(f"{what}; label studies, then `lungnode dataset freeze`")
+        _check_unlocked(session, s, chosen)
         params = {"architecture": architecture or t.architecture, "epochs": epochs or t.epochs,
                   "batch_size": t.batch_size, "lr": t.learning_rate,
                   "seed": t.seed if seed is None else seed, "class_balanced": t.class_balanced}
@@ -157,6 +195,12 @@ def _start(factory: Any, s: Any, *, dataset: int | None, epochs: int | None, arc
         begin_run(session, row.id, owner, t.lease_seconds)
         session.commit()
         return [row.id, chosen.path, _options(params, row.id), False]
+
+
+def _check_unlocked(session: Any, s: Any, row: DatasetManifest) -> None:
+    from node.learn.datasets import check_trainable, latest_lock, load_manifest, locked_patients
+
+    check_trainable(load_manifest(s, row), locked_patients(latest_lock(session, s)))
 
 
 def _options(params: dict[str, Any], run_id: int) -> dict[str, Any]:
@@ -196,7 +240,7 @@ def runs_command(
     if not data:
         console.print("no training runs yet; `lungnode train` starts one")
     for d in data:
-        f1 = (d["metrics"] or {}).get("severity_macro_f1")
+        f1 = ((d["metrics"] or {}).get("validation") or {}).get("severity_macro_f1")
         console.print(f"run {d['run']}: {d['state']} ({d['trigger']}) dataset {d['dataset']} "
                       f"candidate {d['candidate'] or '-'}" + (f" F1 {f1:.3f}" if f1 is not None else "")
                       + (f"\n  {d['error']}" if d["error"] else ""), markup=False, highlight=False)

@@ -208,7 +208,7 @@ def test_locked_set_never_trained(make_settings: Callable[..., Settings], tmp_pa
         locked = lock(session, settings, fold=2, created_by="test")
         session.commit()
         assert (locked.kind, locked.version) == ("locked-eval", 1)
-        patients = set(locked.extra["patients"])
+        patients = set(locked.patients)
         assert patients and all(i.split == "locked-eval" and i.fold == 2 for i in locked.items)
         manifest = freeze(session, settings, created_by="test")
         session.commit()
@@ -224,7 +224,7 @@ def test_locked_set_never_trained(make_settings: Callable[..., Settings], tmp_pa
         grown = lock(session, settings, studies=[other.study, *[i.study for i in locked.items]],
                      created_by="test")
         session.commit()
-        assert grown.version == 2 and set(grown.extra["patients"]) == patients | {other.patient}
+        assert grown.version == 2 and set(grown.patients) == patients | {other.patient}
         assert locked_patients(latest_lock(session, settings)) == patients | {other.patient}
 
     leaked_items = tuple(dataclasses.replace(i, split="train") if i.patient in patients else i

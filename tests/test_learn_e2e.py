@@ -10,6 +10,8 @@ dataset it was trained on.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -34,7 +36,7 @@ STUDIES = [
 def _cli(*args: str) -> dict | list:  # type: ignore[type-arg]
     result = CliRunner().invoke(app, list(args), catch_exceptions=False)
     assert result.exit_code == 0, result.output
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    return json.loads(result.stdout)
 
 
 def test_studies_received_labelled_frozen_trained(tmp_path: Path,
@@ -95,3 +97,15 @@ def test_studies_received_labelled_frozen_trained(tmp_path: Path,
     assert [(r["state"], r["candidate"]) for r in runs] == [(RunState.SUCCEEDED.value, result["candidate"])]
     card = json.loads((settings.learn_root / "models" / f"{result['candidate']}.json").read_text())
     assert card["training"]["dataset_digest"] == manifest["digest"]
+
+    # the same command under torchrun: two processes, one run recorded by rank 0, one candidate
+    torchrun = Path(sys.executable).parent / "torchrun"
+    proc = subprocess.run([str(torchrun), "--nproc_per_node", "2", "--master_port", str(free_port()),
+                           str(Path(sys.executable).parent / "lungnode"), "train", "--json", "--epochs",
+                           "1", "--config", config], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    distributed = json.loads(proc.stdout.strip().splitlines()[-1])
+    runs = _cli("runs", "--json", "--config", config)
+    assert [r["state"] for r in runs] == [RunState.SUCCEEDED.value] * 2
+    assert runs[1]["candidate"] == distributed["candidate"] != result["candidate"]
+    assert (settings.learn_root / "models" / f"{distributed['candidate']}.json").is_file()

@@ -198,11 +198,10 @@ def latest_lock(session: Session, settings: Settings) -> Manifest | None:
 
 
 def locked_patients(lock_manifest: Manifest | None) -> frozenset[str]:
-    """The patients of a locked evaluation set (listed in ``extra["patients"]`` and its items)."""
+    """The patients of a locked evaluation set (:attr:`Manifest.patients` and its items)."""
     if lock_manifest is None:
         return frozenset()
-    listed = lock_manifest.extra.get("patients") or []
-    return frozenset(str(p) for p in listed) | {i.patient for i in lock_manifest.items}
+    return frozenset(lock_manifest.patients) | {i.patient for i in lock_manifest.items}
 
 
 def check_trainable(manifest: Manifest, locked: Iterable[str] = ()) -> None:
@@ -265,7 +264,7 @@ def _items(session: Session, settings: Settings, labels: Sequence[CurrentLabel],
 
 def _store(session: Session, settings: Settings, *, kind: str, as_of: datetime, created_by: str,
            items: Sequence[ManifestItem], params: dict[str, Any], locked_eval: dict[str, Any] | None,
-           extra: dict[str, Any]) -> Manifest:
+           extra: dict[str, Any], patients: tuple[str, ...] = ()) -> Manifest:
     version = (session.scalar(select(func.max(DatasetManifest.version))
                               .where(DatasetManifest.kind == kind)) or 0) + 1
     stem = "dataset" if kind == KIND_TRAINING else "locked-eval"
@@ -278,7 +277,7 @@ def _store(session: Session, settings: Settings, *, kind: str, as_of: datetime, 
     manifest = Manifest(id=row.id, kind=kind, version=version, created_at=created.isoformat(),
                         as_of=as_of.isoformat(), created_by=created_by,
                         folds=settings.training.folds, preprocessing=params, items=tuple(items),
-                        locked_eval=locked_eval, extra=extra).with_digest()
+                        locked_eval=locked_eval, patients=patients, extra=extra).with_digest()
     counts = summary(manifest)
     manifest = Manifest(**{**manifest.__dict__, "extra": {**counts, **extra}})
     manifest.write(settings.learn_root / rel)
@@ -334,7 +333,7 @@ def lock(session: Session, settings: Settings, *, fold: int | None = None,
 
     A new version must keep every patient of the previous one.  The manifest
     (kind ``locked-eval``) lists the patients' labelled studies (split
-    ``locked-eval``) and the patients themselves in ``extra["patients"]``;
+    ``locked-eval``) and the patients themselves in :attr:`Manifest.patients` (in its digest);
     it is written to ``<learn_root>/datasets/locked-eval-<version>.json``.
     The caller commits.
 
@@ -382,7 +381,7 @@ def lock(session: Session, settings: Settings, *, fold: int | None = None,
     items, skipped = _items(session, settings, chosen, params, frozenset(), split_all="locked-eval")
     return _store(session, settings, kind=KIND_LOCK, as_of=now, created_by=created_by, items=items,
                   params=params, locked_eval=None,
-                  extra={"patients": sorted(patients), "fold": fold,
+                  patients=tuple(sorted(patients)), extra={"fold": fold,
                          "skipped": [{"study": s.study, "reason": s.reason} for s in skipped]})
 
 
