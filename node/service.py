@@ -24,6 +24,7 @@ from node.dicom.catalog import Catalog
 from node.dicom.scp import StoreSCP
 from node.dicom.storage import InstanceStore
 from node.errors import ConfigError, TrainingError
+from node.learn.labels import LabelRecorder
 from node.learn.runs import claim_slot, expire_stale_runs, launch_run
 from node.migrate import upgrade
 from node.pipeline import NodeContext, Predictor, WarmUpStudy, archive_pending, run_job, warm_up
@@ -71,7 +72,9 @@ class Node:
         self.store = InstanceStore(settings.storage.root, min_free_mb=settings.storage.min_free_mb,
                                    fsync=settings.storage.fsync)
         self.catalog = Catalog(self.sessions)
-        self.scp = StoreSCP(settings.dicom, settings.peers, self.store, self.catalog) if receive else None
+        self.scp = (StoreSCP(settings.dicom, settings.peers, self.store, self.catalog,
+                             labels=LabelRecorder.from_settings(self.sessions, settings))
+                    if receive else None)
         self._receive = receive
         self._work = work
         self._schedule = schedule
