@@ -5,7 +5,7 @@ studies are not yet stable), then sends three synthetic 512x512 studies over
 one association each with pynetdicom, timing every C-STORE from the request to
 the response:
 
-1. the node alone;
+1. the node alone (after 20 requests that are not counted: the node's first ones);
 2. while a training run trains as a scheduled run does: ``nice -n 10`` and
    ``[training] threads = 1`` (``python -m training.retrain``, the trainer the
    node's child process runs);
@@ -154,6 +154,9 @@ def main() -> None:
         _wait_port(port)
         print(f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())} on {os.cpu_count()} CPUs; "
               f"{args.slices} C-STORE requests of 512x512 CT per phase, one association")
+        warm = write_study(work / "warm", SynthSpec(seed=39, involvement=0.2, rows=512, slices=20,
+                                                    slice_thickness_mm=2.0))
+        _send(port, list(warm.paths))  # the node's first requests (imports, first writes): not counted
         phases = []
         phases.append(("node alone", _send(port, list(studies[0].paths))))
         for label, niced, threads, study in (
