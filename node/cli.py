@@ -407,9 +407,9 @@ def config_show(config: ConfigOpt = None) -> None:
     print(json.dumps(data, indent=2))
 
 
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(app())
-
-
 app.command("train")(train_command)
 app.command("runs")(runs_command)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(app())

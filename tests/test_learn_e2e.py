@@ -46,7 +46,7 @@ def test_studies_received_labelled_frozen_trained(tmp_path: Path,
         f"sqlite:///{tmp_path / 'node.db'}", port=port,
         peers=[{"name": "ct", "ae_title": "STORESCU", "host": "127.0.0.1", "port": 104}],
         model={"enabled": False},
-        training={"folds": 3, "epochs": 2, "batch_size": 2},
+        training={"folds": 3, "epochs": 2, "batch_size": 2, "min_new_labels": 1},
     )
     config = str(settings.config_path)
     folders = []
@@ -109,3 +109,19 @@ def test_studies_received_labelled_frozen_trained(tmp_path: Path,
     assert [r["state"] for r in runs] == [RunState.SUCCEEDED.value] * 2
     assert runs[1]["candidate"] == distributed["candidate"] != result["candidate"]
     assert (settings.learn_root / "models" / f"{distributed['candidate']}.json").is_file()
+
+    # the schedule fires: a new label since the last run, so the slot is claimed and the run
+    # freezes a dataset and trains in a niced child process (`python -m node.cli train --run N`)
+    relabel = CliRunner().invoke(app, ["label", "set", "E2E005", "--severity", "mild", "--config", config])
+    assert relabel.exit_code == 0, relabel.output
+    scheduler = Node(settings, receive=False, work=False, schedule=False)
+    scheduler.training_tick()
+    assert len(scheduler.training_watchers) == 1
+    scheduler.training_watchers[0].join(timeout=600)
+    runs = _cli("runs", "--json", "--config", config)
+    assert len(runs) == 3 and runs[2]["trigger"] == "schedule"
+    assert runs[2]["state"] == RunState.SUCCEEDED.value, runs[2]["error"]
+    assert runs[2]["dataset"] not in (None, runs[0]["dataset"])  # it froze its own dataset
+    scheduler.training_tick()  # the same minute again, or no new labels: nothing starts
+    assert len(scheduler.training_watchers) == 1
+    scheduler.engine.dispose()
