@@ -7,6 +7,7 @@ disk and in the database.  Runs against SQLite and PostgreSQL.
 
 from __future__ import annotations
 
+import struct
 import subprocess
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -329,14 +330,18 @@ def test_a_header_declaring_a_4_gib_pdu_allocates_nothing_and_the_listener_serve
     assert lst.count() == 2
 
 
-def _nested(depth: int) -> pydicom.Sequence:
-    inner = pydicom.Dataset()
-    inner.CodeValue = "1"
-    for _ in range(depth):
-        outer = pydicom.Dataset()
-        outer.ContentSequence = pydicom.Sequence([inner])
-        inner = outer
-    return pydicom.Sequence([inner])
+def _nested_content_sequence(depth: int) -> bytes:
+    """Content Sequence (0040,A730) nested ``depth`` + 1 deep, explicit VR little endian, by hand.
+
+    Defined lengths, as pydicom writes them (so a reader can skip the value unparsed);
+    the innermost item holds Code Value "1".  pydicom's own writer recurses and takes
+    about 30 s for 3000 levels.
+    """
+    value = b"\x08\x00\x00\x01SH\x02\x001 "
+    for _ in range(depth + 1):
+        item = b"\xfe\xff\x00\xe0" + struct.pack("<I", len(value)) + value
+        value = b"\x40\x00\x30\xa7SQ\x00\x00" + struct.pack("<I", len(item)) + item
+    return value
 
 
 def test_deeply_nested_sequences_get_a_status_and_no_traceback(
@@ -346,7 +351,6 @@ def test_deeply_nested_sequences_get_a_status_and_no_traceback(
     when they are used), so it is stored as received, with no traceback in the log, and the
     next instance too."""
     import logging
-    import sys
 
     from pydicom.filewriter import write_file_meta_info
     from pynetdicom.dsutils import encode
@@ -354,14 +358,11 @@ def test_deeply_nested_sequences_get_a_status_and_no_traceback(
     lst = listener()
     files = sorted(B40F.iterdir())[:2]
     bad = pydicom.dcmread(files[0])
-    bad.ContentSequence = _nested(3000)
-    limit = sys.getrecursionlimit()
-    sys.setrecursionlimit(50_000)  # pydicom's writer recurses: only to make the bytes
-    try:
-        body = encode(bad, False, True)
-    finally:
-        sys.setrecursionlimit(limit)
-    assert body is not None
+    before = pydicom.Dataset({tag: bad[tag] for tag in bad.keys() if tag < 0x0040A730})
+    after = pydicom.Dataset({tag: bad[tag] for tag in bad.keys() if tag > 0x0040A730})
+    head, tail = encode(before, False, True), encode(after, False, True)
+    assert head is not None and tail is not None
+    body = head + _nested_content_sequence(3000) + tail
     path = tmp_path / "nested.dcm"
     with path.open("wb") as f:
         f.write(b"\x00" * 128 + b"DICM")
