@@ -100,7 +100,7 @@ def test_studies_received_labelled_frozen_trained(tmp_path: Path,
 
     # the same command under torchrun: two processes, one run recorded by rank 0, one candidate
     torchrun = Path(sys.executable).parent / "torchrun"
-    proc = subprocess.run([str(torchrun), "--nproc_per_node", "2", "--master_port", str(free_port()),
+    proc = subprocess.run([str(torchrun), "--nproc_per_node", "2", "--standalone",
                            str(Path(sys.executable).parent / "lungnode"), "train", "--json", "--epochs",
                            "1", "--config", config], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
