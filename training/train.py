@@ -1,58 +1,73 @@
-"""Train the compact severity network on synthetic studies and register it.
+"""Train the shipped demonstration severity network on synthetic studies, through the retraining package.
 
 Reproduce the shipped default model (``model/weights/compact3d-synthetic-v1``)::
 
     python -m training.train --out model/weights
 
-The defaults are the shipped model's settings.  On a 2-core CPU shared with
-other work it took about 9 minutes to generate the 460 training and
+The defaults are the shipped model's settings.  The model is trained by the
+same code as a node's own candidates (:func:`training.retrain.train_run`, from
+a frozen dataset manifest), so its card carries the same provenance (dataset
+digest, label counts, folds, git revision, package versions, options, seeds)
+and a CPU run reproduces the weights byte for byte.  On a 2-core CPU shared
+with other work it takes about 9 minutes to generate the 460 training and
 validation phantoms (``--workers 2``; cached afterwards), 15 minutes to train
 and 3 minutes to evaluate; ``--device cuda`` trains on a GPU (bf16 autocast),
 where the results differ slightly from a CPU run.  Steps:
 
 1. draw the training, validation and held-out test phantoms from disjoint seed
    ranges (:func:`training.dataset.draw_specs`); generate, preprocess (true
-   lung masks) and cache the training and validation inputs in a temporary
-   folder;
-2. train :class:`model.networks.Compact3d` with focal loss + earth mover's
-   distance (:mod:`training.losses`), class-balanced sampling, AdamW with a
-   one-cycle learning rate, mirror / affine / intensity augmentation, mixed
-   precision on CUDA; keep the epoch with the best validation macro F1;
-3. write the weights and model card (:func:`model.registry.save_model`), then
-   evaluate the registered model through :class:`model.inference.InferenceEngine`
+   lung masks) and cache the training and validation inputs
+   (:func:`training.dataset.build_tensor_set`);
+2. write them as ``.npy`` tensors with their sha256 into a frozen manifest
+   (:func:`write_phantom_manifest`: one pseudonymous patient per phantom,
+   validation phantoms in fold 0, training phantoms in folds 1..);
+3. train :class:`model.networks.Compact3d` with :func:`training.retrain.train_run`
+   (focal loss + earth mover's distance, class-balanced sampling, AdamW with a
+   one-cycle learning rate, mirror / affine / intensity augmentation
+   (:func:`augment`); the epoch with the best validation macro F1 is kept),
+   which registers the weights and a provenance card in ``--out``;
+4. evaluate the registered model through :class:`model.inference.InferenceEngine`
    on the held-out phantoms, with their true lung masks and with the masks of
-   :func:`model.lungs.segment_lungs`, and write the metrics into the card.
+   :func:`model.lungs.segment_lungs`, and rewrite the card: the synthetic-data
+   description, intended use, seed ranges and held-out metrics merged with the
+   run's provenance (the held-out true-mask figures are the card's top-level
+   metrics; the run's validation figures are under ``metrics["validation"]``).
+
+The manifest, tensors, checkpoints and the run's report go into ``--work-dir``
+(default: a temporary folder removed afterwards); with ``--work-dir`` a killed
+run continues with ``--resume``.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
+import contextlib
+import hashlib
+import io
 import json
 import logging
-import math
 import shlex
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import replace
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from model.inference import InferenceEngine
-from model.networks import build_compact3d
-from model.prediction import CLASS_NAMES
+from model.manifest import LABELS, Manifest, ManifestItem
 from model.preprocess import PreprocessConfig
-from model.registry import ModelCard, save_model, write_card
-from training.dataset import SpecOptions, TensorSet, build_tensor_set, class_balanced_sampler, draw_specs
-from training.evaluate import EVAL_OPTIONS, evaluate_engine, metrics_from_labels
-from training.losses import SeverityLoss
+from model.registry import load_model, read_card, write_card
+from training.dataset import SpecOptions, TensorSet, build_tensor_set, draw_specs
+from training.evaluate import EVAL_OPTIONS, evaluate_engine
 
-__all__ = ["augment", "main", "parse_args", "train_network"]
+__all__ = ["augment", "main", "parse_args", "write_phantom_manifest"]
 
 logger = logging.getLogger(__name__)
 
@@ -63,12 +78,15 @@ TRAINING_DATA = (
     "non-COVID 0, mild <25 %, moderate 25-50 %, severe 50-75 %, critical >75 % (MosMedData CT-0..CT-4 bins); "
     "involvement drawn uniformly inside each bin at least {margin:.0%} from its edges; images {rows} pixels "
     "square, slice thickness {thickness} mm, kernels {kernels}, consolidation share {cons}, {partial:.0%} "
-    "with partial lung coverage. Inputs cropped with the phantoms' true lung masks. No patient data.")
+    "with partial lung coverage. Inputs cropped with the phantoms' true lung masks. No patient data. "
+    "Trained {epochs} epochs by training.retrain from a frozen manifest of these phantoms "
+    "(digest {digest}; validation phantoms fold 0, training phantoms folds 1..).")
 
 INTENDED_USE = (
     "NOT FOR CLINICAL USE. A demonstration model trained on synthetic phantoms only: it shows that "
     "lungnode's training, registry and inference work end to end. Its predictions on real patients' CT "
-    "are meaningless; retrain on labelled studies (training.train) before any real use.")
+    "are meaningless; retrain on labelled studies (lungnode's retraining, training.retrain) before any "
+    "real use.")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -76,7 +94,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m training.train", description=__doc__.split("\n")[0])
     p.add_argument("--out", type=Path, required=True, help="registry folder to write weights + card into")
     p.add_argument("--name", default="compact3d-synthetic-v1")
-    p.add_argument("--version", default="1.0.0")
+    p.add_argument("--version", default="1.1.0")
     p.add_argument("--n-train", type=int, default=400)
     p.add_argument("--n-val", type=int, default=60)
     p.add_argument("--n-test", type=int, default=100)
@@ -101,6 +119,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--workers", type=int, default=2, help="processes generating phantoms")
     p.add_argument("--cache-dir", type=Path, default=None, help="preprocessed tensors (default: temp folder)")
+    p.add_argument("--folds", type=int, default=5, help="manifest folds (0 validates, 1.. train)")
+    p.add_argument("--work-dir", type=Path, default=None,
+                   help="manifest, tensors, checkpoints and report (default: temporary, removed)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --work-dir")
     p.add_argument("--eval-masks", nargs="+", choices=["true", "segmented"], default=["true", "segmented"])
     return p.parse_args(argv)
 
@@ -134,76 +156,56 @@ def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return ((x - 0.5) * contrast + 0.5 + shift + noise).clamp(0.0, 1.0)
 
 
-@torch.inference_mode()
-def _predict(net: nn.Module, data: TensorSet, device: torch.device, batch: int) -> torch.Tensor:
-    net.eval()
-    out = []
-    for i in range(0, len(data), batch):
-        x = data.inputs[i:i + batch].to(device, dtype=torch.float32)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            p = torch.softmax(net(x).float(), 1) + torch.softmax(net(torch.flip(x, dims=[-1])).float(), 1)
-        out.append(p.float().cpu() / 2)
-    return torch.cat(out)
+def write_phantom_manifest(folder: Path, train: TensorSet, val: TensorSet, config: PreprocessConfig, *,
+                           folds: int, extra: dict[str, Any]) -> Path:
+    """Write the phantom tensors as ``.npy`` files and a frozen manifest over them; returns its path.
 
-
-def train_network(args: argparse.Namespace, train: TensorSet, val: TensorSet,
-                  device: torch.device) -> tuple[nn.Module, list[dict[str, float]]]:
-    """Train a Compact3d; returns the network of the epoch with the best validation macro F1
-    (ties: lower validation loss) and the per-epoch history."""
-    torch.manual_seed(args.seed)
-    torch.backends.cudnn.deterministic = True
-    torch.backends.cudnn.benchmark = False
-    net = build_compact3d(tuple(args.widths), args.dropout).to(device)
-    loss_fn = SeverityLoss(gamma=args.gamma, emd_weight=args.emd_weight)
-    opt = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    steps = math.ceil(len(train) / args.batch_size)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=args.epochs * steps,
-                                                pct_start=0.15)
-    gen = torch.Generator().manual_seed(args.seed)
-    inputs = train.inputs.to(device) if device.type == "cuda" else train.inputs
-    labels = train.labels.to(device)
-    best: tuple[float, float] = (-1.0, -math.inf)
-    best_state = copy.deepcopy(net.state_dict())
-    history = []
-    for epoch in range(args.epochs):
-        net.train()
-        t0 = time.perf_counter()
-        order = torch.tensor(list(class_balanced_sampler(train.labels, len(train), seed=args.seed + epoch)))
-        total = 0.0
-        for i in range(steps):
-            idx = order[i * args.batch_size:(i + 1) * args.batch_size]
-            x = augment(inputs[idx.to(inputs.device)].to(device, dtype=torch.float32), gen)
-            y = labels[idx.to(labels.device)]
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                loss = loss_fn(net(x), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            total += float(loss.detach())
-        probs = _predict(net, val, device, 32)
-        m = metrics_from_labels(val.labels.tolist(), probs.argmax(1).tolist())
-        val_loss = float(loss_fn(torch.log(probs.clamp(min=1e-6)), val.labels))
-        history.append({"epoch": epoch + 1, "train_loss": round(total / steps, 4),
-                        "val_loss": round(val_loss, 4), "val_accuracy": round(m.accuracy, 4),
-                        "val_macro_f1": round(m.macro_f1, 4)})
-        logger.info("epoch %d: train loss %.4f, val loss %.4f, val accuracy %.3f, macro F1 %.3f (%.1f s)",
-                    epoch + 1, total / steps, val_loss, m.accuracy, m.macro_f1, time.perf_counter() - t0)
-        if (m.macro_f1, -val_loss) > best:
-            best = (m.macro_f1, -val_loss)
-            best_state = copy.deepcopy(net.state_dict())
-    net.load_state_dict(best_state)
-    return net.cpu().eval(), history
+    Layout: ``folder/tensors/phantom-<seed>.npy`` and ``folder/manifest/manifest.json`` (the
+    manifest folder's parent is the training root its tensor paths are relative to).  Each
+    phantom is its own pseudonymous study and patient (``phantom:<seed>``), origin and label
+    source ``synthetic``, label event the seed; validation phantoms are fold 0 and the training
+    phantoms go round-robin into folds ``1..folds-1``.  The tensors are the cached float16
+    inputs widened to float32 (exact), so the run sees the same values as before the manifest.
+    """
+    if folds < 2:
+        raise SystemExit("--folds must be at least 2 (fold 0 validates, folds 1.. train)")
+    tensors = folder / "tensors"
+    tensors.mkdir(parents=True, exist_ok=True)
+    items: list[ManifestItem] = []
+    for data, fold_of in ((train, lambda i: 1 + i % (folds - 1)), (val, lambda i: 0)):
+        for i, seed in enumerate(data.seeds):
+            path = tensors / f"phantom-{seed}.npy"
+            buf = io.BytesIO()
+            np.save(buf, data.inputs[i].to(torch.float32).numpy(), allow_pickle=False)
+            raw = buf.getvalue()
+            if not path.is_file() or path.read_bytes() != raw:
+                path.write_bytes(raw)
+            items.append(ManifestItem(
+                study=f"phantom:{seed}", patient=f"phantom:{seed}", origin="synthetic",
+                label=LABELS[int(data.labels[i])], label_event=int(seed), label_source="synthetic",
+                split="train", fold=fold_of(i), tensor=path.relative_to(folder).as_posix(),
+                tensor_sha256=hashlib.sha256(raw).hexdigest()))
+    now = datetime.now(UTC).isoformat(timespec="seconds")
+    manifest = Manifest(
+        id=0, kind="training", version=1, created_at=now, as_of=now, created_by="training.train",
+        folds=folds, preprocessing={"input_size": list(config.input_size), "window": list(config.window),
+                                    "margin_mm": config.margin_mm,
+                                    "segmentation": "true phantom lung masks (synthetic)"},
+        items=tuple(items), extra=extra).with_digest()
+    path = folder / "manifest" / "manifest.json"
+    manifest.write(path)
+    return path
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Train, register and evaluate; prints the card's metrics as JSON."""
+    """Generate the phantoms, train them through :func:`training.retrain.train_run`, evaluate on
+    held-out phantoms and write the merged card; prints the card's metrics as JSON."""
+    # imported here: training.retrain imports this module's augment
+    from training.retrain import RunOptions, train_run
+
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     torch.set_num_threads(args.threads)
-    np.random.seed(args.seed)
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
-                          else ("cpu" if args.device == "auto" else args.device))
     config = PreprocessConfig(input_size=tuple(args.input_size), window=tuple(args.window),  # type: ignore[arg-type]
                               margin_mm=args.margin_mm)
     options = SpecOptions(rows=tuple(args.rows), slice_thickness_mm=tuple(args.thickness))
@@ -214,62 +216,71 @@ def main(argv: Sequence[str] | None = None) -> int:
     if set(seeds) & {s.seed for s in test_specs}:
         raise SystemExit("the held-out test seeds overlap the training or validation seeds; "
                          "change --test-seed")
+    train_range = f"{args.train_seed}..{args.train_seed + args.n_train - 1}"
+    val_range = f"{args.val_seed}..{args.val_seed + args.n_val - 1}"
+    test_range = f"{args.test_seed}..{args.test_seed + args.n_test - 1}"
     t0 = time.perf_counter()
     train = build_tensor_set(train_specs, config, cache_dir=args.cache_dir, workers=args.workers)
     val = build_tensor_set(val_specs, config, cache_dir=args.cache_dir, workers=args.workers)
-    t_data = time.perf_counter() - t0
-    logger.info("training classes %s, validation classes %s (%.0f s)", train.class_counts(),
-                val.class_counts(), t_data)
-    t0 = time.perf_counter()
-    net, history = train_network(args, train, val, device)
-    t_train = time.perf_counter() - t0
-    rng = " or ".join(str(r) for r in args.rows)
-    engine_device = str(device)
-    if device.type == "cuda":
-        engine_device += f" ({torch.cuda.get_device_name(device)})"
-    card = ModelCard(
-        name=args.name, version=args.version, architecture="compact3d", weights_file=f"{args.name}.pt",
-        sha256="", input_size=config.input_size, window=config.window, margin_mm=config.margin_mm,
-        classes=CLASS_NAMES,
-        training_data=TRAINING_DATA.format(
-            n_train=args.n_train, train_seeds=f"{args.train_seed}..{args.train_seed + args.n_train - 1}",
-            n_val=args.n_val, val_seeds=f"{args.val_seed}..{args.val_seed + args.n_val - 1}",
-            margin=options.edge_margin, rows=rng,
-            thickness=" / ".join(f"{t:g}" for t in options.slice_thickness_mm),
-            kernels=" and ".join(options.kernels),
-            cons="{:.2f}..{:.2f}".format(*options.consolidation_fraction),
-            partial=options.partial_coverage),
-        intended_use=INTENDED_USE,
-        architecture_params={"widths": list(args.widths), "dropout": args.dropout},
-        training={
-            "command": "python -m training.train " + shlex.join(sys.argv[1:] if argv is None else list(argv)),
-            "seed": args.seed, "train_seeds": [args.train_seed, args.train_seed + args.n_train - 1],
-            "val_seeds": [args.val_seed, args.val_seed + args.n_val - 1],
-            "test_seeds": [args.test_seed, args.test_seed + args.n_test - 1],
-            "class_counts_train": train.class_counts(), "epochs": args.epochs, "batch_size": args.batch_size,
-            "lr": args.lr, "weight_decay": args.weight_decay,
-            "loss": f"focal (gamma {args.gamma}) + {args.emd_weight} x squared EMD",
-            "sampling": "class-balanced (inverse class frequency)",
-            "device": engine_device,
-            "torch": torch.__version__, "data_seconds": round(t_data, 1), "train_seconds": round(t_train, 1),
-            "history": history},
-    )
-    card = save_model(net, card, args.out)
-    engine = InferenceEngine.from_registry(card.name, args.out, device=str(device))
+    logger.info("training classes %s, validation classes %s", train.class_counts(), val.class_counts())
+    with contextlib.ExitStack() as stack:
+        work = args.work_dir or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="lungnode-")))
+        manifest_path = write_phantom_manifest(work, train, val, config, folds=args.folds, extra={
+            "source": "training.train: synthetic phantoms (training.synth.make_phantom)",
+            "train_seeds": train_range, "val_seeds": val_range})
+        t_data = time.perf_counter() - t0
+        logger.info("manifest %s (%.0f s)", manifest_path, t_data)
+        run = RunOptions(architecture="compact3d", epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                         weight_decay=args.weight_decay, seed=args.seed, threads=args.threads,
+                         device=args.device, candidate=args.name, widths=tuple(args.widths),
+                         dropout=args.dropout, gamma=args.gamma, emd_weight=args.emd_weight, cache=True)
+        t0 = time.perf_counter()
+        result = train_run(manifest_path, work / "run", args.out, run, resume=args.resume, progress=False)
+        t_train = time.perf_counter() - t0
+    card = read_card(args.name, args.out)
+    device = args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
+    engine = InferenceEngine.from_registry(card.name, args.out, device=device)
     results = evaluate_engine(engine, test_specs, sources=tuple(args.eval_masks), workers=args.workers)
-    metrics: dict[str, object] = {
-        "test_set": f"{args.n_test} held-out synthetic phantoms, seeds {args.test_seed}.."
-                    f"{args.test_seed + args.n_test - 1} (training.dataset.draw_specs(n, {args.test_seed}, "
-                    "balanced=True, options=training.evaluate.EVAL_OPTIONS)), 128 x 128 images, classes "
-                    "balanced; engine with mirror TTA",
+    metrics: dict[str, Any] = {
+        "test_set": f"{args.n_test} held-out synthetic phantoms, seeds {test_range} "
+                    f"(training.dataset.draw_specs(n, {args.test_seed}, balanced=True, "
+                    "options=training.evaluate.EVAL_OPTIONS)), 128 x 128 images, classes balanced; "
+                    "engine with mirror TTA",
     }
     if "true" in results:
         metrics.update(results["true"].to_dict())
         metrics["masks"] = "true phantom lung masks"
     if "segmented" in results:
         metrics["with_segment_lungs_masks"] = results["segmented"].to_dict()
-    card = replace(card, metrics=metrics)
+    # the run's own figures: validation phantoms (fold 0) at the best epoch, no test-time mirror
+    metrics["validation"] = result.metrics["validation"]
+    rng = " or ".join(str(r) for r in args.rows)
+    training = {
+        **card.training,
+        "command": "python -m training.train " + shlex.join(sys.argv[1:] if argv is None else list(argv)),
+        "train_seeds": [args.train_seed, args.train_seed + args.n_train - 1],
+        "val_seeds": [args.val_seed, args.val_seed + args.n_val - 1],
+        "test_seeds": [args.test_seed, args.test_seed + args.n_test - 1],
+        "class_counts_train": train.class_counts(), "batch_size": args.batch_size, "lr": args.lr,
+        "weight_decay": args.weight_decay,
+        "sampling": "class-balanced (inverse class frequency)",
+        "data_seconds": round(t_data, 1), "train_seconds": round(t_train, 1),
+    }
+    if args.work_dir is None:  # the temporary manifest is gone; the command rebuilds it (same digest)
+        training["manifest"] = {**training["manifest"], "path": "temporary (python -m training.train "
+                                "rebuilds it with the same digest)"}
+    card = replace(
+        card, version=args.version, metrics=metrics, training=training, intended_use=INTENDED_USE,
+        training_data=TRAINING_DATA.format(
+            n_train=args.n_train, train_seeds=train_range, n_val=args.n_val, val_seeds=val_range,
+            margin=options.edge_margin, rows=rng,
+            thickness=" / ".join(f"{t:g}" for t in options.slice_thickness_mm),
+            kernels=" and ".join(options.kernels),
+            cons="{:.2f}..{:.2f}".format(*options.consolidation_fraction),
+            partial=options.partial_coverage, epochs=args.epochs,
+            digest=card.training["dataset_digest"][:16]))
     write_card(card, args.out)
+    load_model(card.name, args.out)  # the merged card still matches the weights
     print(json.dumps(metrics, indent=2))
     return 0
 
