@@ -237,15 +237,22 @@ def load_model(name: str | None = None, registry_dir: Path | None = None) -> tup
 def save_model(net: nn.Module, card: ModelCard, registry_dir: Path) -> ModelCard:
     """Write the weights and the card into ``registry_dir``; returns the card with its sha256.
 
-    The card's ``sha256`` is replaced by the digest of the file written.
+    The card's ``sha256`` is replaced by the digest of the file written.  The file
+    is written through a file object, so its bytes depend on the weights only: given a
+    path, ``torch.save`` names the archive's records after the file, and two
+    candidates with equal weights but other names would differ in sha256.  Written
+    to a temporary name and renamed.
     """
     folder = Path(registry_dir)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / card.weights_file
     card = replace(card, architecture_params=_plain(card.architecture_params))
     state = {k: v.detach().to("cpu").clone() for k, v in net.state_dict().items()}
-    torch.save({"format": WEIGHTS_FORMAT, "architecture": card.architecture,
-                "architecture_params": card.architecture_params, "state_dict": state}, path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("wb") as fh:
+        torch.save({"format": WEIGHTS_FORMAT, "architecture": card.architecture,
+                    "architecture_params": card.architecture_params, "state_dict": state}, fh)
+    tmp.replace(path)
     final = replace(card, sha256=sha256_file(path))
     write_card(final, folder)
     logger.info("saved model %s %s to %s", final.name, final.version, folder)

@@ -15,7 +15,6 @@ import dataclasses
 import getpass
 import json
 import os
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
@@ -27,6 +26,7 @@ from node.cli_support import ConfigOpt, console, error, sessions, settings, use_
 from node.db import DatasetManifest, TrainingRun
 from node.errors import LungnodeError, TrainingError
 from node.learn.runs import RunHeartbeat, begin_run, create_run, fail_run, finish_run, latest_dataset
+from node.work.jobs import lease_owner
 
 __all__ = ["model_app", "runs_command", "train_command"]
 
@@ -35,7 +35,7 @@ model_app = typer.Typer(help="Severity models: the shipped ones and the trained 
 
 
 def _owner() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}:train"
+    return lease_owner()
 
 
 def _world() -> tuple[int, int]:

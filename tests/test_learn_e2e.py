@@ -10,6 +10,7 @@ dataset it was trained on.
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 from collections.abc import Callable
@@ -31,6 +32,21 @@ STUDIES = [
     ("P1", 0.0, "non-covid"), ("P1", 0.15, "mild"), ("P2", 0.35, "moderate"),
     ("P3", 0.6, "severe"), ("P4", 0.1, "covid-unknown"), ("P5", 0.0, "non-covid"),
 ]
+
+
+KILL_AFTER_FIRST_CHECKPOINT = """
+import logging, os, signal, sys
+
+class KillAfterFirstCheckpoint(logging.Handler):
+    def emit(self, record):
+        if record.getMessage().startswith("checkpoint: epoch 1 of"):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+logging.getLogger("training.retrain").addHandler(KillAfterFirstCheckpoint())
+from node.cli import app
+app(sys.argv[1:])
+"""
+"""``lungnode`` that kills itself with SIGKILL as soon as its training run wrote its first checkpoint."""
 
 
 def _cli(*args: str) -> dict | list:  # type: ignore[type-arg]
@@ -98,6 +114,17 @@ def test_studies_received_labelled_frozen_trained(tmp_path: Path,
     card = json.loads((settings.learn_root / "models" / f"{result['candidate']}.json").read_text())
     assert card["training"]["dataset_digest"] == manifest["digest"]
 
+    # killed with SIGKILL right after its first checkpoint (from inside, by a logging handler),
+    # then `lungnode train --resume`: the same weights as the uninterrupted run above
+    killed = subprocess.run([sys.executable, "-c", KILL_AFTER_FIRST_CHECKPOINT, "train", "--json",
+                             "--config", config], capture_output=True, text=True, timeout=600)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    runs = _cli("runs", "--json", "--config", config)
+    assert runs[-1]["state"] == RunState.RUNNING.value  # its lease is held by a process that is gone
+    resumed = _cli("train", "--resume", str(runs[-1]["run"]), "--json", "--config", config)
+    assert isinstance(resumed, dict) and resumed["run"] == runs[-1]["run"]
+    assert resumed["weights_sha256"] == result["weights_sha256"]
+
     # the same command under torchrun: two processes, one run recorded by rank 0, one candidate
     torchrun = Path(sys.executable).parent / "torchrun"
     proc = subprocess.run([str(torchrun), "--nproc_per_node", "2", "--standalone",
@@ -106,8 +133,8 @@ def test_studies_received_labelled_frozen_trained(tmp_path: Path,
     assert proc.returncode == 0, proc.stderr[-3000:]
     distributed = json.loads(proc.stdout.strip().splitlines()[-1])
     runs = _cli("runs", "--json", "--config", config)
-    assert [r["state"] for r in runs] == [RunState.SUCCEEDED.value] * 2
-    assert runs[1]["candidate"] == distributed["candidate"] != result["candidate"]
+    assert [r["state"] for r in runs] == [RunState.SUCCEEDED.value] * 3
+    assert runs[2]["candidate"] == distributed["candidate"] != result["candidate"]
     assert (settings.learn_root / "models" / f"{distributed['candidate']}.json").is_file()
 
     # the schedule fires: a new label since the last run, so the slot is claimed and the run
@@ -119,9 +146,9 @@ def test_studies_received_labelled_frozen_trained(tmp_path: Path,
     assert len(scheduler.training_watchers) == 1
     scheduler.training_watchers[0].join(timeout=600)
     runs = _cli("runs", "--json", "--config", config)
-    assert len(runs) == 3 and runs[2]["trigger"] == "schedule"
-    assert runs[2]["state"] == RunState.SUCCEEDED.value, runs[2]["error"]
-    assert runs[2]["dataset"] not in (None, runs[0]["dataset"])  # it froze its own dataset
+    assert len(runs) == 4 and runs[3]["trigger"] == "schedule"
+    assert runs[3]["state"] == RunState.SUCCEEDED.value, runs[3]["error"]
+    assert runs[3]["dataset"] not in (None, runs[0]["dataset"])  # it froze its own dataset
     scheduler.training_tick()  # the same minute again, or no new labels: nothing starts
     assert len(scheduler.training_watchers) == 1
     scheduler.engine.dispose()

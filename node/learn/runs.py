@@ -39,6 +39,7 @@ from node.db import DatasetManifest, LabelEvent, RunState, TrainingRun, utcnow
 from node.errors import TrainingError
 from node.settings import Settings
 from node.work.claim import for_update
+from node.work.jobs import owner_alive
 from node.work.state import transition_run
 
 __all__ = [
@@ -114,11 +115,14 @@ def begin_run(session: Session, run_id: int, owner: str, lease_seconds: float, *
               resume: bool = False) -> TrainingRun:
     """Take the run's lease and mark it running (the caller commits).
 
+    A run whose lease has not expired is taken over only when its process is
+    gone (same host, :func:`node.work.jobs.owner_alive`), as after a kill.
+
     Raises
     ------
     TrainingError
-        No such run, a run that already succeeded, or one another process holds
-        (its lease has not expired); resuming a run that never started.
+        No such run, a run that already succeeded, or one another live process
+        holds (its lease has not expired); resuming a run that never started.
     """
     run = session.scalars(for_update(session, select(TrainingRun).where(TrainingRun.id == run_id),
                                      skip_locked=False)).first()
@@ -129,7 +133,7 @@ def begin_run(session: Session, run_id: int, owner: str, lease_seconds: float, *
         raise TrainingError(f"training run {run_id} already succeeded (candidate {run.candidate}); "
                             "start a new run instead")
     if run.state == RunState.RUNNING and run.lease_expires_at is not None and run.lease_expires_at > now \
-            and run.lease_owner != owner:
+            and run.lease_owner not in (None, owner) and owner_alive(run.lease_owner):
         raise TrainingError(f"training run {run_id} is running in {run.lease_owner} (pid {run.pid}); "
                             "wait for it, or stop that process and resume after its lease expires "
                             f"({run.lease_expires_at:%Y-%m-%d %H:%M:%S} UTC)")
@@ -175,10 +179,12 @@ def fail_run(session: Session, run_id: int, error: str) -> None:
 
 
 def expire_stale_runs(session: Session) -> list[int]:
-    """Fail running runs whose lease expired (their process is gone); their ids (commits)."""
+    """Fail running runs whose lease expired or whose process on this host is gone; their ids (commits)."""
     now = utcnow()
-    stale = list(session.scalars(for_update(session, select(TrainingRun).where(
-        TrainingRun.state == RunState.RUNNING, TrainingRun.lease_expires_at < now))))
+    running = session.scalars(for_update(session, select(TrainingRun).where(
+        TrainingRun.state == RunState.RUNNING)))
+    stale = [r for r in running if (r.lease_expires_at is not None and r.lease_expires_at < now)
+             or (r.lease_owner is not None and not owner_alive(r.lease_owner))]
     for run in stale:
         transition_run(run, RunState.FAILED)
         run.error = (f"the run's process ({run.lease_owner}, pid {run.pid}) stopped renewing its lease; "

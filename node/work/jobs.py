@@ -28,6 +28,7 @@ __all__ = [
     "claim_job",
     "finish_job_failed",
     "lease_owner",
+    "owner_alive",
     "queue_stable_studies",
     "release_orphaned_leases",
     "renew_lease",
@@ -45,7 +46,8 @@ def lease_owner() -> str:
     return f"{socket.gethostname()}:{proc.pid}:{proc.create_time():.3f}"
 
 
-def _owner_alive(owner: str) -> bool:
+def owner_alive(owner: str) -> bool:
+    """Whether the process of a :func:`lease_owner` string still runs (other hosts: assumed)."""
     host, _, rest = owner.partition(":")
     if host != socket.gethostname():
         return True  # another machine's worker: only its lease can tell
@@ -187,11 +189,11 @@ def release_orphaned_leases(session: Session) -> int:
     now = utcnow()
     released = 0
     for job in session.scalars(select(Job).where(Job.state == JobState.RUNNING)).all():
-        if job.lease_owner and not _owner_alive(job.lease_owner):
+        if job.lease_owner and not owner_alive(job.lease_owner):
             job.lease_expires_at = now - timedelta(seconds=1)
             released += 1
     for d in session.scalars(select(Delivery).where(Delivery.state == DeliveryState.SENDING)).all():
-        if d.lease_owner and not _owner_alive(d.lease_owner):
+        if d.lease_owner and not owner_alive(d.lease_owner):
             d.lease_expires_at = now - timedelta(seconds=1)
             released += 1
     session.commit()
