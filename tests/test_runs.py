@@ -145,17 +145,22 @@ def test_two_nodes_claim_one_run_per_slot(make_settings, db_url: str) -> None:  
     _labels(node_a, 1)
     fire = datetime(2026, 12, 5, 2, 0, tzinfo=UTC)
     results: dict[str, int | None] = {}
+    errors: list[BaseException] = []
     barrier = threading.Barrier(2)
 
     def tick(name: str, factory: sessionmaker[Session]) -> None:
         barrier.wait(timeout=60)
-        results[name] = claim_slot(factory, s, fire, name)
+        try:
+            results[name] = claim_slot(factory, s, fire, name)
+        except BaseException as exc:  # noqa: BLE001 - shown by the assertion below
+            errors.append(exc)
 
     threads = [threading.Thread(target=tick, args=(n, f)) for n, f in (("a", node_a), ("b", node_b))]
     for t in threads:
         t.start()
     for t in threads:
         t.join(timeout=120)
+    assert not errors, errors
     claimed = [v for v in results.values() if v is not None]
     assert len(results) == 2 and len(claimed) == 1
     with node_a() as session:

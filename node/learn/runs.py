@@ -95,12 +95,14 @@ def claim_slot(sessions: sessionmaker[Session], settings: Settings, fire_time: d
                         new_labels, settings.training.min_new_labels)
             return None
         t = settings.training
-        run = create_run(session, dataset_id=None, trigger="schedule", created_by=created_by,
-                         slot=slot, params={"architecture": t.architecture, "epochs": t.epochs,
-                                            "batch_size": t.batch_size, "lr": t.learning_rate,
-                                            "seed": t.seed, "class_balanced": t.class_balanced,
-                                            "threads": t.threads, "freeze": True})
         try:
+            # the INSERT (at the flush that gives the run its id) is where the unique slot decides:
+            # on PostgreSQL the second node's insert waits for the first commit, then fails
+            run = create_run(session, dataset_id=None, trigger="schedule", created_by=created_by,
+                             slot=slot, params={"architecture": t.architecture, "epochs": t.epochs,
+                                                "batch_size": t.batch_size, "lr": t.learning_rate,
+                                                "seed": t.seed, "class_balanced": t.class_balanced,
+                                                "threads": t.threads, "freeze": True})
             session.commit()
         except IntegrityError:
             session.rollback()
