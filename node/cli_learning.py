@@ -115,6 +115,10 @@ def _train(s: Any, rank: int, world: int, *, dataset: int | None, epochs: int | 
         except LungnodeError as exc:
             _share_run(rank, world, [])
             error(f"cannot train: {exc}")
+            taken = run if run is not None else resume
+            if taken is not None:  # the scheduled run's reason, where `lungnode runs` shows it
+                with factory() as session:
+                    fail_run(session, taken, f"cannot train: {exc}")
             raise typer.Exit(2) from exc
     info = _share_run(rank, world, info)
     if not info:

@@ -154,13 +154,14 @@ class Node:
             return
         logger.info("warm-up analysis done in %.1f s", seconds)
 
-    def training_tick(self) -> None:
+    def training_tick(self, fire_time: datetime | None = None) -> None:
         """The ``[training] schedule`` fired: claim this minute's slot and start the run's process.
 
-        The slot is the fire time to the minute, so nodes sharing one database whose
-        schedulers fire together claim the same slot and exactly one of them trains.
+        The slot is the fire time to the minute (``fire_time``, default now), so nodes sharing
+        one database whose schedulers fire together claim the same slot and exactly one of
+        them trains.
         """
-        fire = utcnow().replace(second=0, microsecond=0)
+        fire = (fire_time or utcnow()).replace(second=0, microsecond=0)
         run_id = claim_slot(self.sessions, self.settings, fire, created_by=f"schedule@{self.owner}")
         if run_id is None:
             return
