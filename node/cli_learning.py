@@ -25,7 +25,15 @@ from sqlalchemy import select
 from node.cli_support import ConfigOpt, console, error, sessions, settings, use_config
 from node.db import DatasetManifest, TrainingRun
 from node.errors import LungnodeError, TrainingError
-from node.learn.runs import RunHeartbeat, begin_run, create_run, fail_run, finish_run, latest_dataset
+from node.learn.runs import (
+    RunHeartbeat,
+    begin_run,
+    create_run,
+    fail_run,
+    finish_run,
+    latest_dataset,
+    run_params,
+)
 from node.work.jobs import lease_owner
 
 __all__ = ["model_app", "runs_command", "train_command"]
@@ -190,9 +198,7 @@ def _start(factory: Any, s: Any, *, dataset: int | None, epochs: int | None, arc
                 else "there is no frozen dataset yet"
             raise TrainingError(f"{what}; label studies, then `lungnode dataset freeze`")
         _check_unlocked(session, s, chosen)
-        params = {"architecture": architecture or t.architecture, "epochs": epochs or t.epochs,
-                  "batch_size": t.batch_size, "lr": t.learning_rate,
-                  "seed": t.seed if seed is None else seed, "class_balanced": t.class_balanced}
+        params = run_params(s, architecture=architecture, epochs=epochs or None, seed=seed)
         row = create_run(session, dataset_id=chosen.id, trigger="cli", created_by=f"cli:{by}",
                          params=params)
         session.flush()

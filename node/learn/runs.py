@@ -54,9 +54,20 @@ __all__ = [
     "latest_dataset",
     "launch_run",
     "run_command",
+    "run_params",
 ]
 
 logger = logging.getLogger(__name__)
+
+
+def run_params(settings: Settings, **overrides: Any) -> dict[str, Any]:
+    """A run's trainer options from ``[training]``; ``overrides`` that are not ``None`` win."""
+    t = settings.training
+    params: dict[str, Any] = {"architecture": t.architecture, "epochs": t.epochs,
+                              "batch_size": t.batch_size, "lr": t.learning_rate, "seed": t.seed,
+                              "class_balanced": t.class_balanced}
+    params.update({k: v for k, v in overrides.items() if v is not None})
+    return params
 
 
 def create_run(session: Session, *, dataset_id: int | None, trigger: str, created_by: str,
@@ -94,15 +105,12 @@ def claim_slot(sessions: sessionmaker[Session], settings: Settings, fire_time: d
             logger.info("scheduled retraining %s skipped: %d new label events, %d needed", slot,
                         new_labels, settings.training.min_new_labels)
             return None
-        t = settings.training
         try:
             # the INSERT (at the flush that gives the run its id) is where the unique slot decides:
             # on PostgreSQL the second node's insert waits for the first commit, then fails
             run = create_run(session, dataset_id=None, trigger="schedule", created_by=created_by,
-                             slot=slot, params={"architecture": t.architecture, "epochs": t.epochs,
-                                                "batch_size": t.batch_size, "lr": t.learning_rate,
-                                                "seed": t.seed, "class_balanced": t.class_balanced,
-                                                "threads": t.threads, "freeze": True})
+                             slot=slot, params=run_params(settings, threads=settings.training.threads,
+                                                          freeze=True))
             session.commit()
         except IntegrityError:
             session.rollback()
