@@ -24,6 +24,7 @@ from node.db import RunState, Study, StudyState, UidMapping
 from node.service import Node
 from node.settings import Settings
 from tests.dcmtk import wait_for
+from tests.faults import killed_after_first_checkpoint
 from tests.peers import free_port, storescu
 from training.synth import SynthSpec, write_study
 
@@ -32,21 +33,6 @@ STUDIES = [
     ("P1", 0.0, "non-covid"), ("P1", 0.15, "mild"), ("P2", 0.35, "moderate"),
     ("P3", 0.6, "severe"), ("P4", 0.1, "covid-unknown"), ("P5", 0.0, "non-covid"),
 ]
-
-
-KILL_AFTER_FIRST_CHECKPOINT = """
-import logging, os, signal, sys
-
-class KillAfterFirstCheckpoint(logging.Handler):
-    def emit(self, record):
-        if record.getMessage().startswith("checkpoint: epoch 1 of"):
-            os.kill(os.getpid(), signal.SIGKILL)
-
-logging.getLogger("training.retrain").addHandler(KillAfterFirstCheckpoint())
-from node.cli import app
-app(sys.argv[1:])
-"""
-"""``lungnode`` that kills itself with SIGKILL as soon as its training run wrote its first checkpoint."""
 
 
 def _cli(*args: str) -> dict | list:  # type: ignore[type-arg]
@@ -116,8 +102,8 @@ def test_studies_received_labelled_frozen_trained(tmp_path: Path,
 
     # killed with SIGKILL right after its first checkpoint (from inside, by a logging handler),
     # then `lungnode train --resume`: the same weights as the uninterrupted run above
-    killed = subprocess.run([sys.executable, "-c", KILL_AFTER_FIRST_CHECKPOINT, "train", "--json",
-                             "--config", config], capture_output=True, text=True, timeout=600)
+    killed = subprocess.run(killed_after_first_checkpoint("node.cli", "train", "--json", "--config", config),
+                            capture_output=True, text=True, timeout=600)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     runs = _cli("runs", "--json", "--config", config)
     assert runs[-1]["state"] == RunState.RUNNING.value  # its lease is held by a process that is gone

@@ -13,7 +13,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -26,6 +25,7 @@ from model.manifest import Manifest, ManifestItem, read_manifest
 from model.networks import build_network
 from model.preprocess import PreprocessConfig, preprocess_array
 from model.registry import load_model, read_card, sha256_file
+from tests.faults import killed_after_first_checkpoint
 from training.losses import SeverityLoss
 from training.manifest_data import ManifestDataset, split_items
 from training.retrain import CHECKPOINT, RunOptions, epoch_order, evaluate, rank_batches, train_run
@@ -93,22 +93,6 @@ def _cli(manifest: Path, run_dir: Path, registry: Path, options: RunOptions, *ex
             *([] if options.augment else ["--no-augment"]), "--json", *extra]
 
 
-KILL_AFTER_FIRST_CHECKPOINT = """
-import logging, os, signal, sys
-
-class KillAfterFirstCheckpoint(logging.Handler):
-    def emit(self, record):
-        if record.getMessage().startswith("checkpoint: epoch 1 of"):
-            os.kill(os.getpid(), signal.SIGKILL)
-
-logging.getLogger("training.retrain").addHandler(KillAfterFirstCheckpoint())
-from training.retrain import main
-sys.exit(main(sys.argv[1:]))
-"""
-"""``python -m training.retrain`` that kills itself with SIGKILL as soon as the first checkpoint
-is written (its log record is emitted right after the rename)."""
-
-
 def test_run_learns_is_reproducible_and_resumes_after_sigkill(manifest_path: Path, tmp_path: Path) -> None:
     # the untrained network's validation loss (train_run seeds torch the same way before building it)
     manifest = read_manifest(manifest_path)
@@ -151,8 +135,8 @@ def test_run_learns_is_reproducible_and_resumes_after_sigkill(manifest_path: Pat
     # The kill comes from inside the process (a logging handler on the checkpoint's log record),
     # so it lands at that point however loaded the machine is.
     run_c, reg_c = tmp_path / "run-c", tmp_path / "reg-c"
-    proc = subprocess.run([sys.executable, "-c", KILL_AFTER_FIRST_CHECKPOINT,
-                           *_cli(manifest_path, run_c, reg_c, OPTIONS)],
+    proc = subprocess.run(killed_after_first_checkpoint("training.retrain",
+                                                        *_cli(manifest_path, run_c, reg_c, OPTIONS)),
                           cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
     done = json.loads((run_c / "checkpoint.json").read_text())["epoch"]

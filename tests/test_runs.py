@@ -170,58 +170,44 @@ def test_two_nodes_claim_one_run_per_slot(make_settings, db_url: str) -> None:  
 
 
 @pytest.mark.postgres
-def test_two_node_schedulers_on_postgresql_start_one_run(make_settings, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+def test_two_node_schedulers_on_postgresql_start_one_run(make_settings, db_url: str) -> None:  # type: ignore[no-untyped-def]
     """Two nodes' schedulers fire in the same minute on one PostgreSQL: one run, one process."""
-    import uuid
-
-    import sqlalchemy as sa
-
     from node.service import Node
-    from tests.conftest import PG_ADMIN_URL
 
-    schema = f"t_{uuid.uuid4().hex[:12]}"
-    admin = sa.create_engine(PG_ADMIN_URL)
-    with admin.begin() as conn:
-        conn.exec_driver_sql(f"CREATE SCHEMA {schema}")
-    url = f"{PG_ADMIN_URL}?options=-csearch_path%3D{schema}"
-    try:
-        upgrade(url)
-        s = make_settings(url, training={"min_new_labels": 1, "nice": 5})
-        nodes = [Node(s, receive=False, work=False, schedule=False) for _ in range(2)]
-        _labels(nodes[0].sessions, 1)
-        fire = datetime(2026, 12, 5, 3, 0, tzinfo=UTC)
-        barrier = threading.Barrier(2)
-        errors: list[BaseException] = []
+    upgrade(db_url)
+    s = make_settings(db_url, training={"min_new_labels": 1, "nice": 5})
+    nodes = [Node(s, receive=False, work=False, schedule=False) for _ in range(2)]
+    _labels(nodes[0].sessions, 1)
+    fire = datetime(2026, 12, 5, 3, 0, tzinfo=UTC)
+    barrier = threading.Barrier(2)
+    errors: list[BaseException] = []
 
-        def tick(node: Node) -> None:
-            barrier.wait(timeout=60)
-            try:
-                node.training_tick(fire)
-            except BaseException as exc:  # noqa: BLE001 - shown by the assertion below
-                errors.append(exc)
+    def tick(node: Node) -> None:
+        barrier.wait(timeout=60)
+        try:
+            node.training_tick(fire)
+        except BaseException as exc:  # noqa: BLE001 - shown by the assertion below
+            errors.append(exc)
 
-        threads = [threading.Thread(target=tick, args=(n,)) for n in nodes]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(timeout=120)
-        assert not errors, errors
-        watchers = [w for n in nodes for w in n.training_watchers]
-        assert len(watchers) == 1
-        watchers[0].join(timeout=300)  # the child: it finds nothing archived to freeze and says so
-        with nodes[0].sessions() as session:
-            runs = list(session.scalars(select(TrainingRun)))
-        assert [(r.slot, r.trigger) for r in runs] == [("2026-12-05T03:00Z", "schedule")]
-        assert runs[0].state == RunState.FAILED  # the child's reason: nothing can be frozen
-        assert "cannot train" in (runs[0].error or "") and "nothing to freeze" in (runs[0].error or "")
-        log = (s.learn_root / "logs" / f"run-{runs[0].id}.log").read_text()
-        assert "cannot train" in log, log[-2000:]
-        for n in nodes:
-            n.engine.dispose()
-    finally:
-        with admin.begin() as conn:
-            conn.exec_driver_sql(f"DROP SCHEMA {schema} CASCADE")
-        admin.dispose()
+    threads = [threading.Thread(target=tick, args=(n,)) for n in nodes]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors, errors
+    watchers = [w for n in nodes for w in n.training_watchers]
+    assert len(watchers) == 1
+    watchers[0].join(timeout=300)  # the child: it finds nothing archived to freeze and says so
+    with nodes[0].sessions() as session:
+        runs = list(session.scalars(select(TrainingRun)))
+    assert [(r.slot, r.trigger) for r in runs] == [("2026-12-05T03:00Z", "schedule")]
+    assert runs[0].state == RunState.FAILED  # the child's reason: nothing can be frozen
+    assert "cannot train" in (runs[0].error or "") and "nothing to freeze" in (runs[0].error or "")
+    log = (s.learn_root / "logs" / f"run-{runs[0].id}.log").read_text()
+    assert "cannot train" in log, log[-2000:]
+    for n in nodes:
+        n.engine.dispose()
 
 
 def test_the_child_process_is_niced_and_a_kill_is_recorded(sessions: sessionmaker[Session], make_settings,  # type: ignore[no-untyped-def]
