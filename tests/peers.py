@@ -23,6 +23,8 @@ from types import TracebackType
 from typing import IO, Any
 
 import pydicom
+from pynetdicom import AE, evt
+from pynetdicom.events import Event, EventHandlerType
 
 from tests.dcmtk import (
     PROPOSE_OPTIONS,
@@ -44,6 +46,7 @@ __all__ = [
     "OrthancError",
     "PeerError",
     "StoreSCP",
+    "c_store_all",
     "dicom_files",
     "echoscu",
     "free_port",
@@ -355,3 +358,45 @@ class Orthanc:
         return pydicom.dcmread(io.BytesIO(self.instance_file(orthanc_instance_id)))
 
     wait_for = staticmethod(wait_for)
+
+
+def c_store_all(port: int, items: Sequence[pydicom.Dataset | Path], calling: str,
+                contexts: Sequence[tuple[str, str]], called: str = "LUNGNODE") -> list[pydicom.Dataset]:
+    """pynetdicom's ``send_c_store`` of each item to the node on 127.0.0.1:``port``, in order.
+
+    Returns each response's status data set (empty when there was none).  Like
+    :func:`node.dicom.scu.send_files`, it records each C-STORE response as it is
+    decoded (``EVT_DIMSE_RECV``): when pynetdicom's reactor takes a response that
+    arrived (the race that module describes), the recorded status is returned
+    and the remaining items go over a new association.
+    """
+    ae = AE(ae_title=calling)
+    for sop_class, syntax in contexts:
+        ae.add_requested_context(sop_class, syntax)
+    seen: dict[int, pydicom.Dataset] = {}
+
+    def record(event: Event) -> None:
+        command = event.message.command_set  # type: ignore[attr-defined]
+        if command.get("CommandField") == 0x8001:  # C-STORE-RSP
+            seen[int(command.MessageIDBeingRespondedTo)] = command
+
+    handlers: list[EventHandlerType] = [(evt.EVT_DIMSE_RECV, record)]
+    assoc = ae.associate("127.0.0.1", port, ae_title=called, evt_handlers=handlers)
+    assert assoc.is_established, f"the node on port {port} refused the association"
+    out: list[pydicom.Dataset] = []
+    try:
+        for i, item in enumerate(items, start=1):
+            if not assoc.is_established and out and "Status" in out[-1]:
+                assoc = ae.associate("127.0.0.1", port, ae_title=called, evt_handlers=handlers)
+            if not assoc.is_established:
+                out.append(pydicom.Dataset())
+                continue
+            status = assoc.send_c_store(item, msg_id=i)
+            if "Status" not in status and i in seen:
+                logger.warning("pynetdicom lost the response to C-STORE %d; the recorded one is used", i)
+                status = seen[i]
+            out.append(status)
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    return out

@@ -32,7 +32,7 @@ from node.migrate import upgrade
 from node.settings import Settings
 from tests.conftest import B40F
 from tests.dcmtk import wait_for
-from tests.peers import free_port, storescu
+from tests.peers import c_store_all, free_port, storescu
 
 
 @dataclass
@@ -77,19 +77,9 @@ def listener(db_url: str, make_settings: Callable[..., Settings]) -> Iterator[Ca
 
 def _scu_send(port: int, datasets: list[pydicom.Dataset], calling: str = "PACS",
               contexts: tuple[tuple[str, str], ...] = ()) -> list[int | None]:
-    ae = AE(ae_title=calling)
-    for sop, ts in contexts or ((CTImageStorage, pydicom.uid.ExplicitVRLittleEndian),):
-        ae.add_requested_context(sop, ts)
-    assoc = ae.associate("127.0.0.1", port, ae_title="LUNGNODE")
-    assert assoc.is_established
-    codes: list[int | None] = []
-    try:
-        for ds in datasets:
-            status = assoc.send_c_store(ds)
-            codes.append(int(status.Status) if "Status" in status else None)
-    finally:
-        assoc.release()
-    return codes
+    statuses = c_store_all(port, datasets, calling,
+                           contexts or ((CTImageStorage, pydicom.uid.ExplicitVRLittleEndian),))
+    return [int(status.Status) if "Status" in status else None for status in statuses]
 
 
 def _files_under(root: Path) -> list[Path]:
@@ -369,15 +359,8 @@ def test_deeply_nested_sequences_get_a_status_and_no_traceback(
         write_file_meta_info(f, bad.file_meta)
         f.write(body)
     caplog.set_level(logging.WARNING)
-    ae = AE(ae_title="PACS")
-    ae.add_requested_context(CTImageStorage, str(bad.file_meta.TransferSyntaxUID))
-    assoc = ae.associate("127.0.0.1", lst.port, ae_title="LUNGNODE")
-    assert assoc.is_established
-    try:
-        status = assoc.send_c_store(path)
-        good = assoc.send_c_store(pydicom.dcmread(files[1]))
-    finally:
-        assoc.release()
+    status, good = c_store_all(lst.port, [path, pydicom.dcmread(files[1])], "PACS",
+                               ((CTImageStorage, str(bad.file_meta.TransferSyntaxUID)),))
     assert int(status.Status) == 0 and int(good.Status) == 0
     assert lst.count() == 2
     with lst.sessions() as s:

@@ -10,8 +10,10 @@ from pathlib import Path
 
 import pydicom
 import pytest
+from pydicom import Dataset
 from pydicom.errors import InvalidDicomError
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
+from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import split_dataset
 from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
@@ -235,6 +237,70 @@ def test_every_transfer_syntax_arrives_bit_for_bit(many_syntaxes: list[Path], tm
         got = by_uid[f.sop_instance_uid]
         assert read_stored_file(got).transfer_syntax_uid == f.transfer_syntax_uid
         assert _dataset_bytes(got) == _dataset_bytes(path), path.name
+
+
+def test_a_response_pynetdicom_loses_keeps_its_status_and_the_rest_go_on_a_new_association(
+        many_syntaxes: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """pynetdicom's reactor can take a C-STORE response that arrived (scu module docstring).
+
+    The fault is made on purpose here: the third send reaches the peer, which answers, but
+    send_c_store reports no response and the association is aborted, as pynetdicom does.
+    """
+    real = Association.send_c_store
+    calls: list[int] = []
+    associations: set[int] = set()
+
+    def loses_third_response(self: Association, *args: object, **kwargs: object) -> Dataset:
+        calls.append(1)
+        associations.add(id(self))
+        status = real(self, *args, **kwargs)  # type: ignore[arg-type]
+        if len(calls) == 3:
+            assert status.Status == 0  # the peer did answer
+            self.abort()
+            return Dataset()
+        return status
+
+    monkeypatch.setattr(Association, "send_c_store", loses_third_response)
+    paths = many_syntaxes[:6]
+    with StoreSCP(tmp_path / "received", aet="RECEIVER") as scp:
+        peer = Peer(name="pacs", ae_title="RECEIVER", host="127.0.0.1", port=scp.port)
+        results = send_files(paths, peer, DicomSettings(ae_title="LUNGNODE"))
+        received = scp.wait_for_files(len(paths))
+    assert [(p, status) for p, status, _ in results] == [(p, 0) for p in paths]
+    assert len(associations) == 2 and len(calls) == len(paths)
+    assert {read_stored_file(p).sop_instance_uid for p in received} == {
+        read_stored_file(p).sop_instance_uid for p in paths}
+
+
+def test_a_peer_that_never_answers_ends_the_send_without_a_new_association(
+        many_syntaxes: list[Path], tmp_path: Path) -> None:
+    """No response at all (not a lost one): that file and the rest fail, and no new association
+    is opened to wait out the timeout again."""
+    answered: list[int] = []
+    ready = threading.Event()
+
+    def silent(event: evt.Event) -> int:
+        answered.append(1)
+        if len(answered) == 2:
+            ready.wait(30)  # holds the response past the sender's DIMSE timeout
+        return 0
+
+    ae = AE(ae_title="RECEIVER")
+    ae.add_supported_context(CTImageStorage, ALL_TRANSFER_SYNTAXES)
+    port = free_port()
+    server = ae.start_server(("127.0.0.1", port), block=False,
+                             evt_handlers=[(evt.EVT_C_STORE, silent)])
+    try:
+        peer = Peer(name="pacs", ae_title="RECEIVER", host="127.0.0.1", port=port)
+        results = send_files(many_syntaxes[:4], peer,
+                             DicomSettings(ae_title="LUNGNODE", dimse_timeout=2))
+    finally:
+        ready.set()
+        server.shutdown()
+    assert [r[1] for r in results] == [0, None, None, None]
+    assert "no response" in results[1][2]
+    assert all("association ended" in r[2] for r in results[2:])
+    assert len(answered) == 2
 
 
 def test_refused_syntax_and_unreadable_file_are_reported_per_file(many_syntaxes: list[Path],

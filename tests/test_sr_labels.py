@@ -19,7 +19,6 @@ from highdicom.sr import CodedConcept
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-from pynetdicom import AE
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     Comprehensive3DSRStorage,
     ComprehensiveSRStorage,
@@ -48,7 +47,7 @@ from node.learn.sr_labels import LABEL_CODES, SEVERITY_LABEL, SrLabel, parse_lab
 from node.migrate import upgrade
 from node.settings import Settings
 from tests.learnkit import ArchivedStudy, archive_study
-from tests.peers import free_port
+from tests.peers import c_store_all, free_port
 
 
 @dataclass
@@ -111,15 +110,8 @@ def _labelling_sr(evidence: Dataset, value: LabelValue | None, observer: str = "
 
 
 def _send(port: int, datasets: list[Dataset], calling: str = "VIEWER") -> list[Dataset]:
-    ae = AE(ae_title=calling)
-    ae.add_requested_context(ComprehensiveSRStorage, ExplicitVRLittleEndian)
-    ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
-    assoc = ae.associate("127.0.0.1", port, ae_title="LUNGNODE")
-    assert assoc.is_established
-    try:
-        return [assoc.send_c_store(ds) for ds in datasets]
-    finally:
-        assoc.release()
+    return c_store_all(port, datasets, calling, ((ComprehensiveSRStorage, ExplicitVRLittleEndian),
+                                                 (CTImageStorage, ExplicitVRLittleEndian)))
 
 
 def _events(node: Node) -> list[LabelEvent]:
