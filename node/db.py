@@ -100,6 +100,9 @@ class StudyState(enum.StrEnum):
     QUEUED = "queued"
     ANALYSING = "analysing"
     COMPLETE = "complete"
+    DELIVERING = "delivering"
+    DELIVERED = "delivered"
+    DELIVERY_FAILED = "delivery-failed"
     REJECTED = "rejected"
     FAILED = "failed"
 
@@ -179,6 +182,10 @@ class Study(Base):
     summary: Mapped[str | None] = mapped_column(Text)
     """JSON of the latest measurements (same keys as ``lungnode analyze``)."""
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+    purged_at: Mapped[datetime | None] = mapped_column()
+    """When retention deleted the study's originals and results (its rows stay, for the record)."""
+    archive_note: Mapped[str | None] = mapped_column(Text)
+    """Why the study was not archived for training (burned-in annotation ...), in words."""
 
     series: Mapped[list[Series]] = relationship(back_populates="study")
 
@@ -293,6 +300,10 @@ class AuditEntry(Base):
     study_id: Mapped[int | None] = mapped_column(
         ForeignKey("studies.id", ondelete="SET NULL"), index=True)
     detail: Mapped[str | None] = mapped_column(Text)
+    prev_hash: Mapped[str | None] = mapped_column(String(64))
+    """``row_hash`` of the row sealed before this one (the chain); ``None`` until sealed."""
+    row_hash: Mapped[str | None] = mapped_column(String(64), index=True)
+    """sha256 over this row's content and ``prev_hash``, written when the row is sealed."""
 
 
 class LearnStudy(Base):

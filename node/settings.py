@@ -25,6 +25,7 @@ __all__ = [
     "DicomSettings",
     "ModelSettings",
     "Peer",
+    "RetentionSettings",
     "SelectionSettings",
     "Settings",
     "StorageSettings",
@@ -169,6 +170,10 @@ class WebSettings(_Section):
     port: int = Field(8088, ge=1, le=65535)
 
 
+class RetentionSettings(_Section):
+    """How long patient data stays on the node (:mod:`node.work.retention`)."""
+
+
 class TrainingSettings(_Section):
     """Labels, frozen datasets and retraining (:mod:`node.learn`, :mod:`training`)."""
 
@@ -228,6 +233,7 @@ class Settings(BaseSettings):
     delivery: DeliverySettings = Field(default_factory=lambda: DeliverySettings())
     web: WebSettings = Field(default_factory=lambda: WebSettings())
     training: TrainingSettings = Field(default_factory=lambda: TrainingSettings())
+    retention: RetentionSettings = Field(default_factory=lambda: RetentionSettings())
     log_level: str = "INFO"
     config_path: Path | None = None
 
