@@ -48,6 +48,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     Verification,
 )
 from pynetdicom.transport import ThreadedAssociationServer
+from sqlalchemy.exc import SQLAlchemyError
 
 from model.volume import MARKER_ENDED_SYNTAXES, has_end_marker
 from node.dicom.catalog import Catalog, InstanceRecord
@@ -269,13 +270,20 @@ class StoreSCP:
             return self._refuse(study_uid, STATUS_CANNOT_UNDERSTAND, f"from {calling}: {problem}",
                                 problem)
         stored = self.store.write(study_uid, series_uid, sop_uid, (event.encoded_dataset(),))
-        fresh = self.catalog.record_instance(InstanceRecord(
-            study_instance_uid=study_uid, series_instance_uid=series_uid,
-            sop_instance_uid=sop_uid, sop_class_uid=ids.sop_class,
-            transfer_syntax_uid=str(transfer_syntax), modality=ids.modality,
-            relative_path=stored.relative_path, size_bytes=stored.size_bytes,
-            calling_ae=calling,
-        ))
+        try:
+            fresh = self.catalog.record_instance(InstanceRecord(
+                study_instance_uid=study_uid, series_instance_uid=series_uid,
+                sop_instance_uid=sop_uid, sop_class_uid=ids.sop_class,
+                transfer_syntax_uid=str(transfer_syntax), modality=ids.modality,
+                relative_path=stored.relative_path, size_bytes=stored.size_bytes,
+                calling_ae=calling,
+            ))
+        except SQLAlchemyError as exc:
+            # not recorded, so not acknowledged; the file stays (an earlier copy of the same
+            # instance may be recorded under this name) and a repeat C-STORE replaces it
+            logger.error("SOP %s of study %s not recorded, answered 0xA700: database unavailable (%s)",
+                         sop_uid, study_uid, type(exc).__name__)
+            return _Refusal(STATUS_OUT_OF_RESOURCES, "database unavailable: not stored; send again")
         if not fresh:
             # a repeat: acknowledged, not counted again; the file was replaced by the
             # same instance unless the repeat came under other study/series UIDs
