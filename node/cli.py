@@ -22,6 +22,7 @@ from rich.progress import Progress
 from rich.table import Table
 from sqlalchemy import or_, select
 
+from node.cli_admin import purge_command
 from node.cli_datasets import dataset_app
 from node.cli_labels import label_app
 from node.cli_learning import model_app, runs_command, train_command
@@ -249,6 +250,9 @@ def show(study: str) -> None:
         console.print(f"state: {st.state.value}" + (f" - {escape(st.reason)}" if st.reason else ""))
         console.print(f"instances: {st.instance_count} (analysed {st.analysed_instance_count}), "
                       f"last received {st.last_received_at:%Y-%m-%d %H:%M:%S} UTC")
+        if st.purged_at is not None:
+            console.print(f"purged {st.purged_at:%Y-%m-%d %H:%M:%S} UTC: its instances and result "
+                          "files were deleted by retention (the rows below are the record)")
         for se in session.scalars(select(Series).where(Series.study_id == st.id)):
             mark = " [chosen]" if se.series_instance_uid == st.selected_series_uid else ""
             console.print(f"  series {se.series_instance_uid} {se.modality or ''} "
@@ -409,6 +413,7 @@ def config_show(config: ConfigOpt = None) -> None:
 
 app.command("train")(train_command)
 app.command("runs")(runs_command)
+app.command("purge")(purge_command)
 
 
 if __name__ == "__main__":  # pragma: no cover

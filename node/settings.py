@@ -173,6 +173,21 @@ class WebSettings(_Section):
 class RetentionSettings(_Section):
     """How long patient data stays on the node (:mod:`node.work.retention`)."""
 
+    originals_days: float = Field(7.0, ge=0)
+    """Received instances (with patient data) and the node's result files (SR, SEG, summary) are
+    deleted this many days after every result of the study's latest analysis was delivered (no
+    destinations: after the results were made; rejected studies: after the rejection)."""
+    archive_quota_mb: int | None = Field(None, ge=0)
+    """Size limit of the de-identified archive (training material); over it, the oldest archived
+    studies that no frozen or locked dataset manifest references are deleted, unlabelled ones
+    before labelled ones. ``None``: unlimited (nothing is ever deleted from the archive)."""
+    emergency_free_percent: float = Field(10.0, ge=0, le=100)
+    """When free space on the storage file system falls under this percentage, the originals of
+    the oldest delivered studies go before their day count, until it is back above (studies not
+    yet delivered are never deleted). 0 turns the emergency purge off."""
+    poll_seconds: float = Field(3600.0, gt=0)
+    """Interval of the service's retention run (``lungnode serve``)."""
+
 
 class TrainingSettings(_Section):
     """Labels, frozen datasets and retraining (:mod:`node.learn`, :mod:`training`)."""
