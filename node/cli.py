@@ -23,6 +23,7 @@ from rich.table import Table
 from sqlalchemy import or_, select
 
 from node.cli_admin import purge_command
+from node.cli_audit import audit_app
 from node.cli_datasets import dataset_app
 from node.cli_labels import label_app
 from node.cli_learning import model_app, runs_command, train_command
@@ -45,6 +46,7 @@ app.add_typer(config_app, name="config")
 app.add_typer(label_app, name="label")
 app.add_typer(dataset_app, name="dataset")
 app.add_typer(model_app, name="model")
+app.add_typer(audit_app, name="audit")
 
 logger = logging.getLogger("lungnode")
 _error = error
@@ -259,6 +261,8 @@ def show(study: str) -> None:
                           f"{se.instance_count} instances{mark}")
         if st.selection_reason:
             console.print(f"selection: {escape(st.selection_reason)}")
+        if st.archive_note:
+            console.print(f"archive: {escape(st.archive_note)}")
         if st.summary:
             console.print_json(st.summary)
         for job in session.scalars(select(Job).where(Job.study_id == st.id).order_by(Job.id)):
