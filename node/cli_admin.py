@@ -7,7 +7,6 @@ import json
 from typing import Annotated
 
 import typer
-from rich.table import Table
 
 from node.cli_support import ConfigOpt, console, error, sessions, settings, use_config
 from node.work.retention import PurgeItem, PurgeReport, purge
@@ -33,13 +32,11 @@ def _item(i: PurgeItem) -> dict[str, object]:
 def _print(report: PurgeReport, dry_run: bool) -> None:
     plan = report.plan
     items = plan.items if dry_run else tuple(report.done)
-    table = Table("what", "study", "UID", "rule", "why", "size", "files")
-    for i in items:
-        table.add_row(i.kind, str(i.study_id) if i.study_id is not None else "-", i.uid, i.rule,
-                      i.reason, _size(i.bytes), str(i.files))
+    for i in items:  # one line each: UIDs stay whole (a table would wrap them)
+        study = f"study {i.study_id}" if i.study_id is not None else "no study row"
+        console.print(f"{i.kind:<9} {i.uid} ({study}) {_size(i.bytes)} in {i.files} files; "
+                      f"{i.rule}: {i.reason}", markup=False, highlight=False)
     verb = "would delete" if dry_run else "deleted"
-    if items:
-        console.print(table, markup=False, highlight=False)
     total = sum(i.bytes for i in items)
     console.print(f"{verb} {len(items)} item(s), {_size(total)}; storage file system "
                   f"{plan.usage.free_percent:.1f} % free"

@@ -177,7 +177,7 @@ class RetentionSettings(_Section):
     """Received instances (with patient data) and the node's result files (SR, SEG, summary) are
     deleted this many days after every result of the study's latest analysis was delivered (no
     destinations: after the results were made; rejected studies: after the rejection)."""
-    archive_quota_mb: int | None = Field(None, ge=0)
+    archive_quota_mb: float | None = Field(None, ge=0)
     """Size limit of the de-identified archive (training material); over it, the oldest archived
     studies that no frozen or locked dataset manifest references are deleted, unlabelled ones
     before labelled ones. ``None``: unlimited (nothing is ever deleted from the archive)."""

@@ -349,7 +349,7 @@ def _quota_items(session: Session, settings: Settings) -> tuple[list[PurgeItem],
         return [], total, []
     protected = _protected(session, settings)
     if protected is None:
-        return [], total, [f"archive {total / _MB:.1f} MB is over its quota of {quota_mb} MB, but a "
+        return [], total, [f"archive {total / _MB:.1f} MB is over its quota of {quota_mb:g} MB, but a "
                            "dataset manifest cannot be read (see the log), so no archived study is "
                            "known to be unreferenced; nothing was taken from the archive"]
     items = []
@@ -358,14 +358,14 @@ def _quota_items(session: Session, settings: Settings) -> tuple[list[PurgeItem],
         if excess <= 0:
             break
         items.append(PurgeItem(kind=ARCHIVE, study_id=a.study_id, uid=a.uid, rule="quota",
-                               reason=f"archive {total / _MB:.1f} MB over its quota of {quota_mb} MB; "
+                               reason=f"archive {total / _MB:.1f} MB over its quota of {quota_mb:g} MB; "
                                       f"{'labelled' if a.labelled else 'unlabelled'}, archived "
                                       f"{a.since:%Y-%m-%d %H:%M} UTC, in no dataset manifest",
                                bytes=a.bytes, files=a.files, since=a.since))
         excess -= a.bytes
     notes = []
     if excess > 0:
-        notes.append(f"the archive stays {excess / _MB:.1f} MB over its quota of {quota_mb} MB: the "
+        notes.append(f"the archive stays {excess / _MB:.1f} MB over its quota of {quota_mb:g} MB: the "
                      f"rest is referenced by frozen or locked dataset manifests")
     return items, total, notes
 
