@@ -38,6 +38,7 @@ from node.work.jobs import (
     release_orphaned_leases,
 )
 from node.work.outbox import deliver_due
+from node.work.retention import purge
 
 __all__ = ["Node"]
 
@@ -206,6 +207,8 @@ class Node:
             if s.delivery.destinations:
                 sched.add_job(self.outbox_tick, "interval", seconds=s.delivery.poll_seconds,
                               id="outbox", max_instances=1, coalesce=True)
+            sched.add_job(purge, "interval", args=(self.sessions, s), seconds=s.retention.poll_seconds,
+                          id="retention", max_instances=1, coalesce=True)
             if s.training.schedule:
                 # validated when the settings were loaded
                 trigger = CronTrigger.from_crontab(s.training.schedule, timezone="UTC")
