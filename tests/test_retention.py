@@ -40,6 +40,7 @@ from node.learn.datasets import freeze
 from node.migrate import upgrade
 from node.settings import RetentionSettings, Settings
 from node.work.retention import DiskUsage, disk_usage, plan_purge, purge
+from node.work.views import study_rows
 from tests.learnkit import ArchivedStudy, archive_study
 
 NOW = utcnow()
@@ -153,6 +154,12 @@ def test_delivered_study_purged_after_its_days(db_url: str, make_settings: Calla
     shown = runner.invoke(app, ["--config", config, "show", str(old.study_id)])
     assert shown.exit_code == 0, shown.output
     assert "purged" in shown.output and "purge-originals" in shown.output
+    studies = runner.invoke(app, ["--config", config, "studies"])
+    assert studies.exit_code == 0 and "purged" in studies.output, studies.output
+    with sessions() as session:  # what the web page shows
+        rows = {r["id"]: r for r in study_rows(session)}
+    assert rows[old.study_id]["purged_at"] is not None and rows[pending.study_id]["purged_at"] is None
+    assert rows[old.study_id]["reason"].startswith("purged ")
     listed = runner.invoke(app, ["purge", "--dry-run", "--json", "--config", config])
     assert listed.exit_code == 0, listed.output
     assert json.loads(listed.output)["planned"] == []

@@ -29,7 +29,10 @@ def study_rows(session: Session, limit: int = 200) -> list[dict[str, Any]]:
     for st in session.scalars(select(Study).order_by(Study.last_received_at.desc()).limit(limit)):
         rows.append({
             "id": st.id, "study_instance_uid": st.study_instance_uid, "state": st.state.value,
-            "reason": st.reason or "", "instances": st.instance_count,
+            "reason": (f"purged {st.purged_at:%Y-%m-%d %H:%M} UTC (retention); " if st.purged_at
+                       else "") + (st.reason or ""),
+            "purged_at": st.purged_at.isoformat(timespec="seconds") if st.purged_at else None,
+            "instances": st.instance_count,
             "last_received_at": st.last_received_at.isoformat(timespec="seconds"),
             "result_version": st.result_version,
             "deliveries": {s.value: counts.get((st.id, s.value), 0) for s in DeliveryState},
