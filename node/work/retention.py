@@ -224,8 +224,8 @@ def _done_studies(session: Session, settings: Settings,
     stmt = select(Study).where(or_(Study.purged_at.is_(None), has_instances))
     if only is not None:
         stmt = stmt.where(Study.id == only)
-    held = session.scalar(select(func.count()).select_from(Study).where(
-        has_instances, _blocked(settings))) or 0
+    held = 0 if only is not None else session.scalar(
+        select(func.count()).select_from(Study).where(has_instances, _blocked(settings))) or 0
     studies = list(session.scalars(stmt.where(~_blocked(settings))))
     ids = [s.id for s in studies]
     delivered = delivered_at(session, ids)
