@@ -460,7 +460,12 @@ def make_engine(url: str, *, echo: bool = False, durable: bool | None = None) ->
         event.listen(engine, "connect", _disable_pysqlite_begin)
         event.listen(engine, "begin", _sqlite_begin_immediate)
         return engine
-    engine = create_engine(url, echo=echo, pool_pre_ping=True, pool_size=10, max_overflow=20)
+    # pool_pre_ping: a connection the server dropped (PostgreSQL restarted) is replaced when it is
+    # next checked out, so the node carries on once the server is back; connect_timeout: an
+    # unreachable server fails a connection attempt in seconds, it does not hang a worker
+    connect_args = {"connect_timeout": 10} if url.startswith("postgresql") else {}
+    engine = create_engine(url, echo=echo, pool_pre_ping=True, pool_size=10, max_overflow=20,
+                           connect_args=connect_args)
     if url.startswith("postgresql"):
         event.listen(engine, "checkin", _pg_transactional_again)
     if durable is False and url.startswith("postgresql"):

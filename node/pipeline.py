@@ -25,6 +25,7 @@ import psutil
 import pydicom
 from pydicom.dataset import Dataset
 from sqlalchemy import select
+from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from model.errors import AnalysisError
@@ -304,6 +305,8 @@ def run_job(ctx: NodeContext, claimed: ClaimedJob) -> StudyState:
         return StudyState.REJECTED
     except (AnalysisError, LungnodeError, OSError) as exc:
         msg = f"{type(exc).__name__}: {exc}"
+    except (OperationalError, InterfaceError):
+        raise  # the database went away, not the study's fault: the worker queues the job again
     except Exception as exc:  # noqa: BLE001 - an unforeseen error must not stop the worker
         logger.exception("job %d: unexpected error", claimed.job_id)
         msg = f"internal error ({type(exc).__name__}: {exc}); please report it with the log"

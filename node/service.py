@@ -13,10 +13,14 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime, timedelta
 
 from apscheduler.schedulers.background import BackgroundScheduler  # type: ignore[import-untyped]
 from apscheduler.triggers.cron import CronTrigger  # type: ignore[import-untyped]
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, SQLAlchemyError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.orm import Session, sessionmaker
 
 from node.db import make_engine, make_session_factory, utcnow
@@ -35,14 +39,83 @@ from node.work.jobs import (
     lease_owner,
     next_stable_at,
     queue_stable_studies,
+    release_lease,
     release_orphaned_leases,
 )
 from node.work.outbox import deliver_due
 from node.work.retention import purge
 
-__all__ = ["Node"]
+__all__ = ["DatabaseWatch", "Node"]
 
 logger = logging.getLogger(__name__)
+
+RECONNECT_SECONDS = 1.0
+"""How often a worker whose database went away tries again (the ticks keep their own intervals)."""
+
+
+def _db_error_text(exc: SQLAlchemyError) -> str:
+    """The driver's one-line reason (``connection refused``...), not SQLAlchemy's SQL and links."""
+    text = str(exc.orig) if isinstance(exc, DBAPIError) and exc.orig is not None else str(exc)
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return f"{type(exc).__name__}: {lines[0] if lines else '(no message)'}"
+
+
+def _is_outage(exc: SQLAlchemyError) -> bool:
+    """Whether the database could not be reached (as opposed to refusing a statement)."""
+    return (isinstance(exc, OperationalError | InterfaceError | PoolTimeout)
+            or (isinstance(exc, DBAPIError) and exc.connection_invalidated))
+
+
+class DatabaseWatch:
+    """One log line when a part of the node loses the database, one when it has it back.
+
+    The workers and the ticks keep running through a database outage (PostgreSQL
+    restarted, the network to it down): each failed attempt is caught (:meth:`guard`)
+    and tried again on the next tick or poll, the engine's ``pool_pre_ping`` replacing
+    the dead connections, so the log shows the outage once per part, not once per
+    tick.  (The listener answers each C-STORE it cannot record with 0xA700, see
+    :mod:`node.dicom.scp`.)
+    """
+
+    def __init__(self) -> None:
+        self._down: set[str] = set()
+        self._lock = threading.Lock()
+
+    def failed(self, part: str, exc: SQLAlchemyError) -> None:
+        """Record that ``part`` could not reach the database (logged the first time)."""
+        with self._lock:
+            first = part not in self._down
+            self._down.add(part)
+        if first:
+            what = "database unavailable" if _is_outage(exc) else "database error"
+            logger.error("%s: %s (%s); trying again until it answers", part, what, _db_error_text(exc))
+
+    def ok(self, part: str) -> None:
+        """Record that ``part`` reached the database (logged when it had lost it)."""
+        if part not in self._down:  # the common case: no lock
+            return
+        with self._lock:
+            was_down = part in self._down
+            self._down.discard(part)
+        if was_down:
+            logger.warning("%s: database reachable again", part)
+
+    @property
+    def down(self) -> frozenset[str]:
+        """The parts whose last attempt failed."""
+        with self._lock:
+            return frozenset(self._down)
+
+    @contextmanager
+    def guard(self, part: str) -> Iterator[None]:
+        """Run the block; a database error ends it, is recorded, and is not raised."""
+        try:
+            yield
+        except SQLAlchemyError as exc:
+            self.failed(part, exc)
+        else:
+            self.ok(part)
+
 
 class Node:
     """Every long-running part of lungnode, started and stopped together.
@@ -90,12 +163,18 @@ class Node:
         self._web: WebServer | None = None
         self.training_watchers: list[threading.Thread] = []
         """Threads that wait for scheduled training processes and record how they ended."""
+        self.database = DatabaseWatch()
+        """Which parts lost the database (each logged once per outage)."""
 
     # -- periodic work ---------------------------------------------------------
     # The interval ticks are the fallback; hand-offs within the process do not wait for them:
     # the completion tick also runs when the next waiting study becomes stable, a queued job
     # wakes an idle worker, and committed results go to the outbox at once.
     def completion_tick(self) -> None:
+        with self.database.guard("completion tick"):
+            self._completion_tick()
+
+    def _completion_tick(self) -> None:
         stable = self.settings.completion.stable_seconds
         with self._tick_lock:  # the interval tick and the one set for the next stable study
             with self.sessions() as session:
@@ -119,9 +198,13 @@ class Node:
                       id="completion-due", replace_existing=True, misfire_grace_time=None)
 
     def outbox_tick(self) -> None:
+        """Send the due deliveries.  A database outage ends the tick: rows it had claimed stay
+        ``sending`` until their lease expires and are sent then (an acknowledged one again: the
+        peer keeps one copy of a SOP Instance UID)."""
         peers = {p.name: p for p in self.settings.peers}
-        deliver_due(self.sessions, self.settings.storage.root, peers, self.settings.dicom,
-                    self.settings.delivery, self.owner)
+        with self.database.guard("outbox"):
+            deliver_due(self.sessions, self.settings.storage.root, peers, self.settings.dicom,
+                        self.settings.delivery, self.owner)
 
     def deliver_soon(self) -> None:
         """Run the outbox now (in the scheduler's threads), not at its next tick."""
@@ -130,15 +213,45 @@ class Node:
                                     misfire_grace_time=None)
 
     def work_once(self) -> bool:
-        """Claim and run one job; ``False`` when the queue was empty."""
+        """Claim and run one job; ``False`` when the queue was empty.
+
+        Raises
+        ------
+        sqlalchemy.exc.SQLAlchemyError
+            The database could not be reached for the claim.  A job whose run lost the
+            database is not raised for: its lease is given back once the database answers
+            again, so any worker takes it over at once (not after ``lease_seconds``).
+        """
         with self.sessions() as session:
             claimed = claim_job(session, self.owner, self.settings.worker.lease_seconds)
         if claimed is None:
             return False
-        state = run_job(self.ctx, claimed)
+        try:
+            state = run_job(self.ctx, claimed)
+        except SQLAlchemyError as exc:
+            self.database.failed("worker", exc)
+            self._give_back_when_reachable(claimed.job_id)
+            return True
         logger.info("job %d ended: study %s %s", claimed.job_id, claimed.study_instance_uid,
                     state.value)
         return True
+
+    def _give_back_when_reachable(self, job_id: int) -> None:
+        """Release this worker's lease on ``job_id`` as soon as the database answers (or leave it
+        to :func:`~node.work.jobs.release_orphaned_leases` of the next start when the node stops
+        first)."""
+        while not self.stopping.is_set():
+            try:
+                with self.sessions() as session:
+                    released = release_lease(session, job_id, self.owner)
+            except SQLAlchemyError as exc:
+                self.database.failed("worker", exc)
+                self.stopping.wait(RECONNECT_SECONDS)
+                continue
+            self.database.ok("worker")
+            if released:
+                logger.warning("job %d: interrupted by the database outage; queued again", job_id)
+            return
 
     def _archive_pending(self) -> None:
         try:
@@ -163,7 +276,9 @@ class Node:
         them trains.
         """
         fire = (fire_time or utcnow()).replace(second=0, microsecond=0)
-        run_id = claim_slot(self.sessions, self.settings, fire, created_by=f"schedule@{self.owner}")
+        run_id = None
+        with self.database.guard("training schedule"):
+            run_id = claim_slot(self.sessions, self.settings, fire, created_by=f"schedule@{self.owner}")
         if run_id is None:
             return
         try:
@@ -174,14 +289,22 @@ class Node:
 
     def training_lease_tick(self) -> None:
         """Fail training runs whose process stopped renewing its lease (a crash of a whole node)."""
-        with self.sessions() as session:
+        stale: list[int] = []
+        with self.database.guard("training lease tick"), self.sessions() as session:
             stale = expire_stale_runs(session)
         if stale:
             logger.warning("training runs %s stopped renewing their lease; marked failed", stale)
 
     def _worker_loop(self) -> None:
         while not self.stopping.is_set():
-            if not self.work_once():
+            try:
+                worked = self.work_once()
+            except SQLAlchemyError as exc:  # the claim: try again once the database is back
+                self.database.failed("worker", exc)
+                self.stopping.wait(min(RECONNECT_SECONDS, self.settings.worker.poll_seconds))
+                continue
+            self.database.ok("worker")
+            if not worked:
                 self._jobs_ready.wait(self.settings.worker.poll_seconds)
                 self._jobs_ready.clear()
 

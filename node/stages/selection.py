@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -300,7 +301,7 @@ def _judge(uid: str, instances: Sequence[StoredInstance], rules: SelectionRules)
     datasets: list[Dataset] = []
     for inst in instances:
         try:
-            datasets.append(pydicom.dcmread(inst.path, stop_before_pixels=True))
+            datasets.append(_read_header(inst.path))
         except (InvalidDicomError, OSError) as exc:
             return _refused(uid, instances, datasets[0] if datasets else None,
                             f"has an unreadable file {inst.path.name} (SOP {inst.sop_instance_uid}): {exc}")
@@ -370,6 +371,17 @@ def _judge(uid: str, instances: Sequence[StoredInstance], rules: SelectionRules)
         noise_hu=noise, eligible=True, reason=reason,
     )
     return _Judged(candidate, paths)
+
+
+def _read_header(path: Path) -> Dataset:
+    """The data set up to the pixel data; :class:`OSError` when the file ends before them (a CT
+    image has pixel data: the stored file was cut short after it was received)."""
+    with path.open("rb") as f:
+        ds = pydicom.dcmread(f, stop_before_pixels=True)
+        if f.tell() >= os.fstat(f.fileno()).st_size:
+            raise OSError(f"it ends after {f.tell()} bytes, before its pixel data (cut short on disk "
+                          "after it was received); send the instance again")
+    return ds
 
 
 def _read_one(path: Path) -> Dataset | None:

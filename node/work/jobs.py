@@ -17,6 +17,7 @@ from datetime import datetime, timedelta
 
 import psutil
 from sqlalchemy import func, or_, select, update
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from node.db import Delivery, DeliveryState, Job, JobState, Study, StudyState, utcnow
@@ -30,6 +31,7 @@ __all__ = [
     "lease_owner",
     "owner_alive",
     "queue_stable_studies",
+    "release_lease",
     "release_orphaned_leases",
     "renew_lease",
     "requeue_study",
@@ -171,13 +173,37 @@ def finish_job_failed(session: Session, job_id: int, owner: str, message: str,
 
 def renew_lease(sessions: sessionmaker[Session], job_id: int, owner: str,
                 lease_seconds: float) -> bool:
-    """Extend this worker's lease on a job; ``False`` when it was lost."""
-    with sessions() as session:
-        res = session.execute(update(Job).where(
-            Job.id == job_id, Job.lease_owner == owner, Job.state == JobState.RUNNING,
-        ).values(lease_expires_at=utcnow() + timedelta(seconds=lease_seconds)))
-        session.commit()
-        return bool(res.rowcount)  # type: ignore[attr-defined]
+    """Extend this worker's lease on a job; ``False`` when it was lost.
+
+    A database that cannot be reached (restarted, unreachable) is not a lost lease:
+    ``True``, and the next renewal tries again.  Should the lease expire meanwhile and
+    another worker take the job, the commit of the results sees it and discards them.
+    """
+    try:
+        with sessions() as session:
+            res = session.execute(update(Job).where(
+                Job.id == job_id, Job.lease_owner == owner, Job.state == JobState.RUNNING,
+            ).values(lease_expires_at=utcnow() + timedelta(seconds=lease_seconds)))
+            session.commit()
+            return bool(res.rowcount)  # type: ignore[attr-defined]
+    except SQLAlchemyError as exc:
+        logger.warning("job %d: lease not renewed, the database is unavailable (%s)", job_id,
+                       type(exc).__name__)
+        return True
+
+
+def release_lease(session: Session, job_id: int, owner: str) -> bool:
+    """Make a running job of ``owner`` claimable at once (its run was cut short). Commits.
+
+    The job stays ``running`` with an expired lease, which :func:`claim_job` takes
+    over like the job of a stopped worker (the attempt counts).  ``False`` when
+    ``owner`` no longer holds it (the job ended, or another worker has it).
+    """
+    res = session.execute(update(Job).where(
+        Job.id == job_id, Job.lease_owner == owner, Job.state == JobState.RUNNING,
+    ).values(lease_expires_at=utcnow() - timedelta(seconds=1)))
+    session.commit()
+    return bool(res.rowcount)  # type: ignore[attr-defined]
 
 
 def release_orphaned_leases(session: Session) -> int:
