@@ -15,7 +15,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 from pydicom.uid import generate_uid
-from sqlalchemy import select
+from sqlalchemy import delete, select
 from sqlalchemy.orm import Session, sessionmaker
 from typer.testing import CliRunner
 
@@ -32,6 +32,7 @@ from node.db import (
     ResultObject,
     Study,
     StudyState,
+    UidMapping,
     make_engine,
     make_session_factory,
     utcnow,
@@ -105,7 +106,11 @@ def test_delivered_study_purged_after_its_days(db_url: str, make_settings: Calla
                   sent_at=NOW - 10 * DAY)
     busy = _study(settings, sessions, 5, sent_at=NOW - 10 * DAY, state=StudyState.QUEUED)
     no_dest = _study(settings, sessions, 6, (), sent_at=NOW - 10 * DAY)  # results made 11 days ago
-    kept = (young, pending, dead, busy)
+    unarchived = _study(settings, sessions, 7, sent_at=NOW - 10 * DAY)
+    with sessions() as session:  # a stop between the results and the archive copy
+        session.execute(delete(UidMapping).where(UidMapping.study_id == unarchived.study_id))
+        session.commit()
+    kept = (young, pending, dead, busy, unarchived)
     before = {a.study_id: _files(settings, a) for a in (old, *kept, no_dest)}
     assert all(n == 23 for n in before.values())
 
@@ -146,7 +151,11 @@ def test_delivered_study_purged_after_its_days(db_url: str, make_settings: Calla
     # later (the injected clock): the young study's time has come; the rest still stays
     again = purge(sessions, settings, now=NOW + 6 * DAY)
     assert [i.study_id for i in again.done] == [young.study_id]
-    assert all(_files(settings, a) == 23 for a in (pending, dead, busy))
+    assert all(_files(settings, a) == 23 for a in (pending, dead, busy, unarchived))
+    with sessions() as session:  # the archive copy failed (recorded): its wait is over
+        session.add(AuditEntry(actor="worker", action="archive-failed", study_id=unarchived.study_id))
+        session.commit()
+    assert [i.study_id for i in purge(sessions, settings, now=NOW + 6 * DAY).done] == [unarchived.study_id]
 
     # the command line: show says purged; a dry run has nothing left to do
     runner = CliRunner()

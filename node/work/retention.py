@@ -207,12 +207,12 @@ def _blocked(settings: Settings) -> ColumnElement[bool]:
         Delivery.state.in_((DeliveryState.PENDING, DeliveryState.SENDING)))
     conds = [Study.state.not_in(PURGEABLE_STATES),
              Study.instance_count > Study.analysed_instance_count, busy_job, busy_delivery]
-    if settings.analysis.anonymize:
+    if settings.analysis.anonymize:  # what node.pipeline.archive_pending would still archive
         archived = exists().where(UidMapping.study_id == Study.id)
         failed = exists().where(AuditEntry.study_id == Study.id,
                                 AuditEntry.action == "archive-failed")
-        conds.append(Study.selected_series_uid.is_not(None) & ~archived & ~failed
-                     & Study.archive_note.is_(None))
+        conds.append((Study.state == StudyState.COMPLETE) & Study.selected_series_uid.is_not(None)
+                     & ~archived & ~failed & Study.archive_note.is_(None))
     return or_(*conds)
 
 
