@@ -39,9 +39,11 @@ from node.db import (
 )
 from node.learn.datasets import freeze
 from node.migrate import upgrade
+from node.service import Node
 from node.settings import RetentionSettings, Settings
 from node.work.retention import DiskUsage, disk_usage, plan_purge, purge
 from node.work.views import study_rows
+from tests.dcmtk import wait_for
 from tests.learnkit import ArchivedStudy, archive_study
 
 NOW = utcnow()
@@ -297,3 +299,19 @@ def test_archive_quota_spares_manifest_studies(make_settings: Callable[..., Sett
     with sessions() as session:
         note = session.get_one(Study, labelled.study_id).archive_note
         assert note is not None and "archive quota" in note
+
+
+def test_service_purges_periodically(make_settings: Callable[..., Settings], tmp_path: Path) -> None:
+    """``serve``'s scheduler runs the purge every ``[retention] poll_seconds``."""
+    url = f"sqlite:///{tmp_path / 'lungnode.db'}"
+    settings = make_settings(url, retention={"poll_seconds": 0.2})
+    sessions = _sessions(url)
+    a = _study(settings, sessions, 41, sent_at=utcnow() - 8 * DAY)
+    node = Node(settings, receive=False, work=False, schedule=True)
+    node.start()
+    try:
+        wait_for(lambda: _audit(sessions, "purge-originals"), 60, what="the scheduled purge")
+    finally:
+        node.stop()
+    assert _files(settings, a) == 0
+    assert [(e.actor, e.study_id) for e in _audit(sessions, "purge-originals")] == [("retention", a.study_id)]
