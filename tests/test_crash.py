@@ -11,13 +11,16 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pydicom
 import pytest
-from pynetdicom import AE
+from pynetdicom import AE, StoragePresentationContexts, evt
+from pynetdicom.events import Event
 from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
+from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy import func, select
 
 from node.db import (
@@ -35,6 +38,7 @@ from node.db import (
 from tests.conftest import B40F, write_config
 from tests.dcmtk import wait_for
 from tests.peers import StoreSCP, free_port
+from training.synth import SynthSpec, write_study
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -203,3 +207,109 @@ def test_sigkill_during_receive_and_during_job(tmp_path: Path, db_url: str,
         received = receiver.wait_for_files(3, 60)
         uids = [str(pydicom.dcmread(p).SOPInstanceUID) for p in received]
         assert len(uids) == len(set(uids)) == 3
+
+
+class _HoldingPeer:
+    """A destination that takes the association and the first C-STORE, then holds its response
+    until released: the node is caught in the middle of a delivery."""
+
+    def __init__(self, port: int, aet: str) -> None:
+        self.port, self.aet = port, aet
+        self.entered = threading.Event()
+        self.release = threading.Event()
+        self.server: ThreadedAssociationServer | None = None
+
+    def _on_store(self, event: Event) -> int:
+        self.entered.set()
+        self.release.wait(120)
+        return 0xA700  # whatever it says, the node is gone by then
+
+    def __enter__(self) -> _HoldingPeer:
+        ae = AE(ae_title=self.aet)
+        syntaxes = [pydicom.uid.ExplicitVRLittleEndian, pydicom.uid.ImplicitVRLittleEndian]
+        for context in StoragePresentationContexts:
+            ae.add_supported_context(str(context.abstract_syntax), syntaxes)
+        self.server = ae.start_server(("127.0.0.1", self.port), block=False,
+                                      evt_handlers=[(evt.EVT_C_STORE, self._on_store)])
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release.set()
+        if self.server is not None:
+            self.server.shutdown()
+
+
+@pytest.mark.slow
+def test_sigkill_during_delivery(tmp_path: Path, serve_factory: Callable[[Path], ServeProcess]) -> None:
+    """The node is killed while it sends a study's results (the destination holds its response);
+    after the restart each result arrives, and the results of a study delivered before the kill
+    are not sent again (the receiver writes every copy under a name of its own)."""
+    port, dest_port = free_port(), free_port()
+    config = write_config(tmp_path / "lungnode.toml", {
+        "dicom": {"host": "127.0.0.1", "port": port},
+        "storage": {"root": "storage", "min_free_mb": 1, "fsync": False},
+        "database": {"url": f"sqlite:///{tmp_path / 'lungnode.db'}"},
+        "completion": {"stable_seconds": 1.0, "poll_seconds": 0.2},
+        "worker": {"count": 1, "lease_seconds": 600.0, "poll_seconds": 0.2, "warm_up": False},
+        "selection": {"min_slices": 32},  # a study caught half-way by a stalled sender makes no results
+        "model": {"enabled": False},
+        "analysis": {"anonymize": False},
+        "delivery": {"destinations": ["receiver"], "poll_seconds": 0.2, "backoff_seconds": 0.5},
+        "web": {"enabled": False},
+    }, [{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": 104},
+        {"name": "receiver", "ae_title": "RECEIVER", "host": "127.0.0.1", "port": dest_port}])
+    sessions = make_session_factory(make_engine(f"sqlite:///{tmp_path / 'lungnode.db'}"))
+    first, second = (sorted(write_study(tmp_path / name, SynthSpec(
+        seed=seed, rows=128, slices=32, slice_thickness_mm=8.0)).paths)
+        for name, seed in (("first", 31), ("second", 32)))
+
+    def results_of(study_uid: str) -> set[str]:
+        with sessions() as s:
+            return set(s.scalars(select(ResultObject.sop_instance_uid).join(
+                Study, Study.id == ResultObject.study_id).where(Study.study_instance_uid == study_uid)))
+
+    def deliveries(state: DeliveryState, count: int) -> Callable[[], bool]:
+        def check() -> bool:
+            with sessions() as s:
+                return s.scalar(select(func.count()).select_from(Delivery).where(
+                    Delivery.state == state)) == count
+        return check
+
+    def study_uid(files: list[Path]) -> str:
+        return str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
+
+    node = serve_factory(config)
+    node.start(port)
+    # 1. the first study's results are delivered
+    with StoreSCP(tmp_path / "received-1", port=dest_port, aet="RECEIVER", extra_args=("+uf",)) as receiver:
+        assert len(_send_acknowledged(port, first)) == 32
+        wait_for(deliveries(DeliveryState.SENT, 3), 120, 0.05, "the first study's results delivered")
+        before = receiver.wait_for_files(3, 30)
+    assert sorted(_uids(before)) == sorted(results_of(study_uid(first)))
+
+    # 2. the second study's delivery: killed while the destination holds the first response
+    with _HoldingPeer(dest_port, "RECEIVER") as holding:
+        assert len(_send_acknowledged(port, second)) == 32
+        assert holding.entered.wait(120), "the node did not start delivering the second study"
+        node.kill()
+    with sessions() as s:
+        states = {d.id: d.state for d in s.scalars(select(Delivery))}
+    assert sorted(states.values()) == [DeliveryState.SENDING] * 3 + [DeliveryState.SENT] * 3
+
+    # 3. restart with the destination back: the second study's results arrive, once each,
+    # and nothing of the first study is sent again
+    with StoreSCP(tmp_path / "received-2", port=dest_port, aet="RECEIVER", extra_args=("+uf",)) as receiver:
+        node.start(port)
+        wait_for(deliveries(DeliveryState.SENT, 6), 120, 0.05, "every result delivered")
+        after = receiver.wait_for_files(3, 30)
+        node.stop()  # nothing more may arrive: the node is stopped before the files are counted
+        after = receiver.files()
+    assert sorted(_uids(after)) == sorted(results_of(study_uid(second)))  # each once, none of the first
+    with sessions() as s:
+        jobs = list(s.scalars(select(Job)))
+        assert len(jobs) == 2 and all(j.state == JobState.DONE for j in jobs)
+        assert s.scalar(select(func.count()).select_from(ResultObject)) == 6
+
+
+def _uids(files: list[Path]) -> list[str]:
+    return [str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in files]

@@ -144,7 +144,8 @@ def _ended(node: Node, count: int, timeout: float = 120) -> list[Study]:
     def done() -> list[Study]:
         with node.sessions() as s:
             studies = list(s.scalars(select(Study).order_by(Study.id)))
-        ends = (StudyState.COMPLETE, StudyState.REJECTED, StudyState.FAILED)
+        ends = (StudyState.COMPLETE, StudyState.DELIVERING, StudyState.DELIVERED, StudyState.REJECTED,
+                StudyState.FAILED)
         return studies if len(studies) == count and all(st.state in ends for st in studies) else []
 
     return wait_for(done, timeout, 0.1, f"{count} studies to reach an end state")
@@ -251,7 +252,8 @@ def test_postgresql_restart_under_a_running_node(
             private_pg.start()
 
             study = _ended(node, 1)[0]
-            assert study.state == StudyState.COMPLETE, study.reason
+            assert study.state in (StudyState.COMPLETE, StudyState.DELIVERING, StudyState.DELIVERED), \
+                study.reason
             wait_for(lambda: _delivered(node), 60, 0.1, "the results to be delivered")
             _all_recorded_on_disk(node, acked)
             with node.sessions() as s:
