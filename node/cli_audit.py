@@ -83,9 +83,10 @@ def list_command(
             stmt = stmt.where(AuditEntry.study_id == _study_id(session, study))
         rows = list(session.execute(stmt.order_by(AuditEntry.id.desc()).limit(max(limit, 0))))
     rows.reverse()
-    out: list[dict[str, Any]] = [{"id": a.id, "at": a.at.astimezone(UTC).isoformat(), "actor": a.actor, "action": a.action,
-            "study_instance_uid": uid, "detail": a.detail, "sealed": a.row_hash is not None}
-           for a, uid in rows]
+    out: list[dict[str, Any]] = [
+        {"id": a.id, "at": a.at.astimezone(UTC).isoformat(), "actor": a.actor, "action": a.action,
+         "study_instance_uid": uid, "detail": a.detail, "sealed": a.row_hash is not None}
+        for a, uid in rows]
     if as_json:
         print(json.dumps(out, indent=2))
         return

@@ -19,6 +19,7 @@ __all__ = [
     "ReportError",
     "SelectionError",
     "AnonymizationError",
+    "BurnedInAnnotationError",
     "StorageError",
     "TrainingError",
 ]
@@ -42,6 +43,10 @@ class SelectionError(LungnodeError):
 
 class AnonymizationError(LungnodeError):
     """The de-identified archive copy cannot be written."""
+
+
+class BurnedInAnnotationError(AnonymizationError):
+    """The series may show patient identity in its pixels: it is not archived for training."""
 
 
 class ReportError(LungnodeError):

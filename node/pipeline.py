@@ -46,7 +46,7 @@ from node.db import (
 )
 from node.dicom.catalog import stored_study
 from node.dicom.storage import atomic_write
-from node.errors import LungnodeError, SelectionError
+from node.errors import BurnedInAnnotationError, LungnodeError, SelectionError
 from node.records import SelectedSeries
 from node.settings import AnalysisSettings, SelectionSettings, Settings
 from node.stages.anonymize import anonymize
@@ -348,13 +348,35 @@ def archive_series(ctx: NodeContext, study_id: int, label: str, selected: Select
     analysing it), and a failure is recorded on the study (audit entry
     ``archive-failed``) without withdrawing the results.  ``lungnode retry``
     analyses and archives again; :func:`archive_pending` catches up after a
-    crash between the two.
+    crash between the two.  A series that may show identity in its pixels
+    (:class:`~node.errors.BurnedInAnnotationError`) is not archived for
+    training: the reason goes to ``Study.archive_note`` (``lungnode show``) and
+    the audit log (``archive-refused``).  A written copy is recorded as
+    ``archived``.
     """
     s = ctx.settings
     try:
         archived = anonymize(selected, s.archive_root, uid_map, salt=_anonymization_salt(s.archive_root))
         _record_uid_map(ctx, study_id, uid_map, archived.uid_map)
+        with ctx.sessions() as session:
+            study = session.get_one(Study, study_id)
+            if study.archive_note and study.archive_note.startswith(_NOT_ARCHIVED):
+                study.archive_note = None
+            session.add(AuditEntry(actor="worker", action="archived", study_id=study_id,
+                                   detail=f"series {selected.series_instance_uid}: {len(archived.paths)} "
+                                          f"files de-identified as {archived.directory.parent.name}/"
+                                          f"{archived.directory.name}; {archived.profile}"))
+            session.commit()
         return True
+    except BurnedInAnnotationError as exc:
+        logger.warning("%s: not archived for training: %s", label, exc)
+        with ctx.sessions() as session:
+            study = session.get_one(Study, study_id)
+            study.archive_note = f"{_NOT_ARCHIVED}: {exc}"
+            session.add(AuditEntry(actor="worker", action="archive-refused", study_id=study_id,
+                                   detail=str(exc)))
+            session.commit()
+        return False
     except (LungnodeError, OSError) as exc:
         logger.error("%s: de-identified archive not written: %s", label, exc)
         with ctx.sessions() as session:
@@ -363,6 +385,9 @@ def archive_series(ctx: NodeContext, study_id: int, label: str, selected: Select
                                           "fix the cause, then `lungnode retry <study>` to archive"))
             session.commit()
         return False
+
+
+_NOT_ARCHIVED = "not archived for training"
 
 
 def archive_pending(ctx: NodeContext) -> int:
@@ -379,6 +404,7 @@ def archive_pending(ctx: NodeContext) -> int:
         mapped = select(UidMapping.study_id)
         todo = [(st.id, st.study_instance_uid, st.selected_series_uid) for st in session.scalars(
             select(Study).where(Study.state == StudyState.COMPLETE,
+                                Study.archive_note.is_(None),  # refused (burned-in) or purged
                                 Study.selected_series_uid.is_not(None), Study.id.not_in(mapped)))]
     written = 0
     for study_id, study_uid, series_uid in todo:
@@ -436,6 +462,13 @@ def _commit_results(ctx: NodeContext, claimed: ClaimedJob, version: int, objects
         job.lease_owner = None
         study.result_version = version
         study.summary = json.dumps(summary)
+        model = summary.get("model")
+        session.add(AuditEntry(  # which algorithm and model produced the results
+            actor="worker", action="analysed", study_id=study.id,
+            detail=f"job {job.id}, result version {version}: series {summary['series_instance_uid']}, "
+                   f"{summary['severity_category']}; {ALGORITHM_NAME} {ALGORITHM_VERSION}"
+                   + (f", model {model['name']} {model['version']} sha256 {model['sha256']} on "
+                      f"{model['device']}" if model else ", no model")))
         transition(session, study, StudyState.COMPLETE,
                    reason=f"result version {version}: {summary['severity_category']}, "
                           f"{summary['percent_opacity']['total']:.1f} % opacity",

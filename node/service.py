@@ -34,6 +34,7 @@ from node.migrate import upgrade
 from node.pipeline import NodeContext, Predictor, WarmUpStudy, archive_pending, run_job, warm_up
 from node.settings import Settings
 from node.web.app import WebServer
+from node.work.audit import SEAL_INTERVAL_SECONDS, seal
 from node.work.jobs import (
     claim_job,
     lease_owner,
@@ -206,6 +207,11 @@ class Node:
             deliver_due(self.sessions, self.settings.storage.root, peers, self.settings.dicom,
                         self.settings.delivery, self.owner)
 
+    def audit_tick(self) -> None:
+        """Seal the audit rows written since the last seal (:func:`node.work.audit.seal`)."""
+        with self.sessions() as session:
+            seal(session)
+
     def deliver_soon(self) -> None:
         """Run the outbox now (in the scheduler's threads), not at its next tick."""
         if self.scheduler is not None and self.settings.delivery.destinations:
@@ -330,6 +336,8 @@ class Node:
             if s.delivery.destinations:
                 sched.add_job(self.outbox_tick, "interval", seconds=s.delivery.poll_seconds,
                               id="outbox", max_instances=1, coalesce=True)
+            sched.add_job(self.audit_tick, "interval", seconds=SEAL_INTERVAL_SECONDS, id="audit-seal",
+                          max_instances=1, coalesce=True)
             sched.add_job(purge, "interval", args=(self.sessions, s), seconds=s.retention.poll_seconds,
                           id="retention", max_instances=1, coalesce=True)
             if s.training.schedule:
@@ -379,5 +387,6 @@ class Node:
             self._warm_up_thread.join(timeout=60)
         if self._web is not None:
             self._web.stop()
+        self.audit_tick()  # what this node wrote last is sealed before it goes
         self.engine.dispose()
         logger.info("node stopped")

@@ -52,6 +52,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from model.volume import MARKER_ENDED_SYNTAXES, has_end_marker
 from node.dicom.catalog import Catalog, InstanceRecord
+from node.dicom.receipts import ReceiptLog
 from node.dicom.sockets import no_delay
 from node.dicom.storage import InstanceStore, atomic_write, validate_uid
 from node.errors import LabelError, StorageError
@@ -346,6 +347,7 @@ class StoreSCP:
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_C_ECHO, lambda event: STATUS_SUCCESS),
+            *ReceiptLog(self.catalog.engine).handlers(),  # who sent what: audit rows per association
         ]
         ae = self.make_ae()
         server = ae.start_server((self.settings.host, self.settings.port), block=False,

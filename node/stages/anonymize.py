@@ -45,13 +45,23 @@ date shifting) and adds, ahead of dicognito's handlers:
   Information with Modified Dates Option (DCM 113107); Patient's Birth Date is
   emptied;
 - Patient's Age, Sex, Size and Weight kept (Retain Patient Characteristics
-  Option, DCM 113108) unless ``retain_patient_characteristics=False``;
+  Option, DCM 113108) unless ``retain_patient_characteristics=False``; an age
+  over 89 years (``091Y``, ``1200M``, ``5000W``, ``40000D`` ...) becomes ``090Y``,
+  the one "90 or older" category of HIPAA Safe Harbor (45 CFR 164.514(b)(2)(i)(C)),
+  and an age that is not a valid Age String is removed;
 - Patient Identity Removed YES, De-identification Method and its Code Sequence
   (DCM 113100 and the options applied; "Clean" codes of an earlier
   de-identification are kept, its "Retain" codes dropped),
   Longitudinal Temporal Information Modified MODIFIED;
-- a series whose Burned In Annotation is YES is refused: the pixel data are
-  copied unchanged (byte for byte), so no pixel cleaning is claimed;
+- a series that may show identity in its pixels is refused
+  (:class:`~node.errors.BurnedInAnnotationError`): the pixel data are copied
+  unchanged (byte for byte), so no pixel cleaning is claimed.  Refused: Burned
+  In Annotation ``YES`` in any modality, and Burned In Annotation absent, empty
+  or any value but ``NO`` in a modality whose images usually carry burned-in
+  text (:data:`BURNS_IN_TEXT`: SC, OT, US, XA, RF, DX, CR, MG, IO, PX, ES, XC,
+  GM; screenshots, scanned documents, ultrasound and fluoroscopy screens,
+  radiographs with name plates, photographs) or a Secondary Capture SOP class.
+  CT is not such a modality: a CT slice without the attribute is archived;
 - a check of each result: no Person Name, patient or institution identifier of
   the source remains in any text element, and no replaced UID remains.
 
@@ -84,10 +94,11 @@ from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID
 
-from node.errors import AnonymizationError
+from node.errors import AnonymizationError, BurnedInAnnotationError
 from node.records import ArchivedSeries, SelectedSeries
 
-__all__ = ["PROFILE_ACTIONS", "PROFILE_NAME", "anonymize"]
+__all__ = ["BURNS_IN_TEXT", "PROFILE_ACTIONS", "PROFILE_NAME", "anonymize", "burned_in_reason",
+           "safe_harbor_age"]
 
 logger = logging.getLogger(__name__)
 
@@ -156,6 +167,16 @@ mapped UID, shifted date); these are the table's other entries.  Patient's Age,
 Sex, Size and Weight follow the Retain Patient Characteristics Option when it
 is applied, and X/Z otherwise.
 """
+
+BURNS_IN_TEXT = frozenset({"SC", "OT", "US", "XA", "RF", "DX", "CR", "MG", "IO", "PX", "ES", "XC",
+                           "GM"})
+"""Modalities whose images usually carry burned-in text or show the person: without Burned In
+Annotation ``NO`` their series are not archived.  CT is not one of them."""
+
+_SECONDARY_CAPTURE_ROOT = "1.2.840.10008.5.1.4.1.1.7"  # SC and the multi-frame SC classes
+_OLDEST_AGE_YEARS = 90
+_AGE = re.compile(r"^(\d{3,})([DWMY])$")
+_UNIT_YEARS = {"D": 1 / 365.25, "W": 7 / 365.25, "M": 1 / 12, "Y": 1.0}
 
 _STANDARD_UID_ROOT = "1.2.840.10008."
 _KEPT_UID_KEYWORDS = {"TransferSyntaxUID", "CodingSchemeUID", "ContextUID", "MappingResourceUID"}
@@ -352,6 +373,46 @@ def _set_deidentification(ds: Dataset, codes: Sequence[str], method: Sequence[st
     ds.LongitudinalTemporalInformationModified = "MODIFIED"
 
 
+def safe_harbor_age(value: object) -> str | None:
+    """Patient's Age for the archive: ``090Y`` for 90 years or more, ``None`` if not an Age String.
+
+    An Age String is three digits and a unit (D days, W weeks, M months, Y years);
+    more digits are accepted as well (``40000D``) and judged by their value.  Ages
+    over 89 years become ``090Y`` (HIPAA Safe Harbor's "90 or older"); other valid
+    ages are kept as they are.
+    """
+    text = str(value or "").strip().upper()
+    if not text:
+        return None
+    match = _AGE.match(text)
+    if match is None:
+        return None
+    years = int(match.group(1)) * _UNIT_YEARS[match.group(2)]
+    return f"{_OLDEST_AGE_YEARS:03d}Y" if years >= _OLDEST_AGE_YEARS else text
+
+
+def burned_in_reason(ds: Dataset) -> str | None:
+    """Why the image may show identity in its pixels, or ``None`` when it is fit to archive.
+
+    Burned In Annotation ``YES`` always; absent, empty or any other value but
+    ``NO`` when the modality is in :data:`BURNS_IN_TEXT` or the SOP class is a
+    Secondary Capture one.
+    """
+    value = str(ds.get("BurnedInAnnotation", "") or "").strip().upper()
+    if value == "YES":
+        return "declares burned-in annotation (Burned In Annotation YES)"
+    if value == "NO":
+        return None
+    modality = str(ds.get("Modality", "") or "").strip().upper()
+    secondary = str(ds.get("SOPClassUID", "")).startswith(_SECONDARY_CAPTURE_ROOT)
+    if modality in BURNS_IN_TEXT or secondary:
+        kind = f"modality {modality}" if modality in BURNS_IN_TEXT else "a Secondary Capture"
+        said = f"Burned In Annotation {value}" if value else "no Burned In Annotation"
+        return (f"is {kind}, whose images usually carry burned-in text, and has {said}; only "
+                "Burned In Annotation NO is accepted for it")
+    return None
+
+
 def _write_atomic(ds: Dataset, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -429,10 +490,11 @@ def anonymize(series: SelectedSeries, archive_root: Path, uid_map: Mapping[str, 
         sop = str(ds.get("SOPInstanceUID", "?"))
         if str(ds.get("SeriesInstanceUID", "")) != series.series_instance_uid:
             raise AnonymizationError(f"SOP {sop} does not belong to series {series.series_instance_uid}")
-        if str(ds.get("BurnedInAnnotation", "")).upper() == "YES":
-            raise AnonymizationError(
-                f"SOP {sop} of series {series.series_instance_uid} declares burned-in annotation; the "
-                "archive copies pixel data unchanged, so the series is not archived")
+        burned = burned_in_reason(ds)
+        if burned is not None:
+            raise BurnedInAnnotationError(
+                f"SOP {sop} of series {series.series_instance_uid} {burned}; the archive copies "
+                "pixel data unchanged, so the series is not archived for training")
         this_patient = _patient_key(ds)
         if anonymizer is None:
             patient = this_patient
@@ -441,6 +503,8 @@ def anonymize(series: SelectedSeries, archive_root: Path, uid_map: Mapping[str, 
             raise AnonymizationError(f"series {series.series_instance_uid} mixes patients (SOP {sop})")
         pixels = ds.get("PixelData")
         secrets = _secrets(ds)
+        if retain_patient_characteristics and "PatientAge" in ds:
+            ds.PatientAge = safe_harbor_age(ds.PatientAge)
         try:
             _strip_groups(ds)
             anonymizer.anonymize(ds)

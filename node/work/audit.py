@@ -181,15 +181,14 @@ class AuditCheck:
 
 
 def _rows(session: Session) -> Iterator[AuditEntry]:
-    last = 0
-    while True:
-        batch = list(session.scalars(select(AuditEntry).where(AuditEntry.id > last)
-                                     .order_by(AuditEntry.id).limit(5000)))
-        if not batch:
-            return
+    """Every row in id order, a few thousand at a time (any id, zero and negative ones too)."""
+    stmt = select(AuditEntry).order_by(AuditEntry.id).limit(5000)
+    batch = list(session.scalars(stmt))
+    while batch:
         yield from batch
         last = batch[-1].id
         session.expunge_all()
+        batch = list(session.scalars(stmt.where(AuditEntry.id > last)))
 
 
 def _describe(entry: AuditEntry) -> str:
@@ -222,7 +221,8 @@ def check(session: Session) -> AuditCheck:
         if entry.prev_hash != prev:
             return AuditCheck(sealed, 0, entry.id,
                               f"{_describe(entry)} was altered or a row before it was removed "
-                              "(it does not follow the sealed row before it)", prev)
+                              "(it does not follow the sealed row before it: a row was removed, "
+                              "inserted with a forged hash, or edited and hashed again)", prev)
         if row_hash(prev, entry) != entry.row_hash:
             return AuditCheck(sealed, 0, entry.id,
                               f"{_describe(entry)} was altered or a row before it was removed "

@@ -99,6 +99,12 @@ def deliver_due(sessions: sessionmaker[Session], storage_root: Path, peers: dict
                     transition_delivery(d, DeliveryState.SENT)
                     d.sent_at = utcnow()
                     d.last_error = None
+                    obj = session.get_one(ResultObject, d.result_object_id)
+                    to = f" ({peer.ae_title}@{peer.host}:{peer.port})" if peer is not None else ""
+                    session.add(AuditEntry(  # what went where
+                        actor="outbox", action="delivery-sent", study_id=obj.study_id,
+                        detail=f"delivery {d.id}: {obj.kind} v{obj.version} {obj.sop_instance_uid} "
+                               f"to {d.destination}{to}, status 0x{status or 0:04X}, attempt {d.attempts}"))
                     sent += 1
                     continue
                 err = msg if status is None else f"status 0x{status:04X} {msg}".strip()

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from typing import TypeVar
 
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, object_session
 
 from node.db import (
     AuditEntry,
@@ -167,4 +167,10 @@ def transition_run(run: TrainingRun, new: RunState) -> None:
     old = run.state
     _check(RUN_TRANSITIONS, old, new, f"training run {run.id}")
     run.state = new
+    session = object_session(run)
+    if session is not None:  # every start and end of a training run is in the audit log
+        session.add(AuditEntry(actor=f"training:{run.lease_owner or run.created_by}"[:64],
+                               action=f"run:{new.value}",
+                               detail=f"training run {run.id} ({run.trigger}, by {run.created_by}, "
+                                      f"dataset {run.dataset_id}): {old.value} -> {new.value}"))
     logger.info("training run %s: %s -> %s", run.id, old.value, new.value)

@@ -27,7 +27,7 @@ from model.quantify import Quantification
 from model.volume import CTVolume
 from node.errors import ReportError
 from node.stages.reports.seg import build_segmentation
-from node.stages.reports.source import clean_headers
+from node.stages.reports.source import PERSON_NAMES, clean_headers
 from node.stages.reports.sr import build_sr
 from node.stages.reports.summary import build_summary
 
@@ -117,6 +117,10 @@ def build_reports(ctx: ReportContext, source_headers: Sequence[Dataset]) -> Resu
     summary = build_summary(sources[len(sources) // 2], ctx.volume, ctx.masks, ctx.quantification,
                             ctx.prediction, algorithm=algorithm, series_number=base + 2,
                             manufacturer=ctx.manufacturer, institution_name=ctx.institution_name)
+    for ds in (sr, seg, summary):  # the names exactly as the study has them (see clean_headers)
+        for keyword in PERSON_NAMES:
+            if source_headers[0].get(keyword):
+                setattr(ds, keyword, source_headers[0].get(keyword))
     logger.info("series %s: SR %s, SEG %s (%d frames), summary %s built in %.1f s (version %d)",
                 uid, sr.SOPInstanceUID, seg.SOPInstanceUID, int(seg.NumberOfFrames),
                 summary.SOPInstanceUID, time.perf_counter() - started, ctx.version)

@@ -18,7 +18,13 @@ changed):
   a sequence left without items is dropped (the sequences concerned are Type 3
   at Patient and Study level);
 - the Type 2 patient and study identifiers are added empty where absent, so a
-  derived object never lacks them.
+  derived object never lacks them;
+- a single-component person name (``Lung_Dx-A0002``, no ``^``) gets a trailing
+  caret (``Lung_Dx-A0002^``): the same name (PS3.5 6.2.1: trailing empty
+  components may be left out), but highdicom no longer warns that it "is
+  unlikely to represent the intended person name", a warning that quotes the
+  patient's name into the log.  :func:`node.stages.reports.build_reports`
+  puts the source's exact value back into the finished objects.
 """
 
 from __future__ import annotations
@@ -35,7 +41,7 @@ from pydicom.tag import BaseTag
 
 from node.errors import ReportError
 
-__all__ = ["STUDY_IDENTIFIERS", "clean_headers"]
+__all__ = ["PERSON_NAMES", "STUDY_IDENTIFIERS", "clean_headers", "unambiguous_name"]
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +59,16 @@ _PIXEL_TAGS = frozenset({0x7FE00010, 0x7FE00008, 0x7FE00009})  # (Float/Double F
 _REFERENCE_PAIR = ("ReferencedSOPClassUID", "ReferencedSOPInstanceUID")
 _CODE_VALUES = ("CodeValue", "LongCodeValue", "URNCodeValue")
 _CODE_KEYWORDS = (*_CODE_VALUES, "CodingSchemeDesignator", "CodeMeaning")
+PERSON_NAMES = ("PatientName", "ReferringPhysicianName")
+"""The person names highdicom checks when it derives an object from a source image."""
+
+
+def unambiguous_name(value: object) -> str:
+    """``value`` with a trailing caret on each component group that has none (see the module)."""
+    text = str(value or "")
+    if not text or "^" in text:
+        return text
+    return "=".join(group + "^" if group else group for group in text.split("="))
 
 
 def _item_defect(item: Dataset) -> str | None:
@@ -171,6 +187,9 @@ def clean_headers(headers: Sequence[Dataset]) -> list[Dataset]:
         for keyword in _TYPE2_IDENTIFIERS:
             if keyword not in out:
                 setattr(out, keyword, "")
+        for keyword in PERSON_NAMES:
+            if out.get(keyword):
+                setattr(out, keyword, unambiguous_name(out.get(keyword)))
         cleaned.append(out)
     if dropped:
         distinct = sorted(set(dropped))
