@@ -314,6 +314,8 @@ def _native_pixels(ds: Dataset, rows: int, columns: int) -> tuple[np.ndarray, in
     return raw.reshape(rows, columns), stored
 
 
+_JPEG_LS = frozenset(JPEGLSTransferSyntaxes)
+
 MARKER_ENDED_SYNTAXES = frozenset(JPEGTransferSyntaxes) | frozenset(JPEGLSTransferSyntaxes) | frozenset(
     JPEG2000TransferSyntaxes)
 """Transfer syntaxes whose codestreams end with the FFD9 marker (JPEG and JPEG-LS end of image,
@@ -360,12 +362,22 @@ def _decode(ds: Dataset, h: SliceHeader) -> tuple[np.ndarray, int]:
     if native is not None:
         return native
     _check_codestreams(ds, h)
+    syntax = ds.file_meta.get("TransferSyntaxUID", "?")
+    if syntax in _JPEG_LS:
+        # CharLS (pyjpegls) checks the bit stream; pydicom would fall back to the next plugin
+        # when it refuses one, and pylibjpeg's libjpeg decodes a damaged frame into garbage
+        ds.pixel_array_options(decoding_plugin="pyjpegls")
     try:
         raw = ds.pixel_array
     except Exception as exc:  # noqa: BLE001 - decoders raise many types; re-raised typed
+        if syntax in _JPEG_LS:
+            raise VolumeError(
+                f"cannot decode pixel data of SOP {h.sop_instance_uid} (transfer syntax {syntax}): "
+                f"the JPEG-LS frame is corrupt (CharLS: {str(exc).splitlines()[-1].strip()}); it "
+                "was damaged in transfer or storage: send the instance again") from exc
         raise VolumeError(
             f"cannot decode pixel data of SOP {h.sop_instance_uid} "
-            f"(transfer syntax {ds.file_meta.get('TransferSyntaxUID', '?')}): {exc}"
+            f"(transfer syntax {syntax}): {exc}"
         ) from exc
     return raw, raw.dtype.itemsize * 8  # pydicom has cleared the unused bits
 

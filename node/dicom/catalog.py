@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from node.db import AuditEntry, Instance, Series, Study, utcnow
 from node.records import StoredInstance, StoredStudy
 
-__all__ = ["Catalog", "InstanceRecord", "stored_study"]
+__all__ = ["Catalog", "InstanceRecord", "KnownInstance", "stored_study"]
 
 logger = logging.getLogger(__name__)
 
@@ -29,6 +29,11 @@ _INSTANCE_BY_UID = select(Instance.id).where(
     Instance.sop_instance_uid == bindparam("uid")).limit(1)
 _INSTANCE_PATH_BY_UID = select(Instance.path).where(
     Instance.sop_instance_uid == bindparam("uid")).limit(1)
+_KNOWN_INSTANCE = (
+    select(Instance.id, Instance.study_id, Instance.path, Instance.size_bytes,
+           Instance.transfer_syntax_uid, Study.study_instance_uid, Series.series_instance_uid)
+    .join(Study, Study.id == Instance.study_id).join(Series, Series.id == Instance.series_id)
+    .where(Instance.sop_instance_uid == bindparam("uid")).limit(1))
 _INSERT_INSTANCE = insert(Instance)
 _BUMP_STUDY = update(Study).where(Study.id == bindparam("row_id")).values(
     instance_count=Study.instance_count + 1, last_received_at=bindparam("b_now"),
@@ -48,6 +53,19 @@ class InstanceRecord:
     relative_path: str
     size_bytes: int
     calling_ae: str | None
+
+
+@dataclass(frozen=True)
+class KnownInstance:
+    """The recorded row of a SOP Instance UID (what a resend is compared with)."""
+
+    id: int
+    study_id: int
+    relative_path: str
+    size_bytes: int
+    transfer_syntax_uid: str
+    study_instance_uid: str
+    series_instance_uid: str
 
 
 class Catalog:
@@ -73,6 +91,38 @@ class Catalog:
     def instance_path(self, sop_instance_uid: str) -> str | None:
         with self.engine.connect() as conn:
             return conn.scalar(_INSTANCE_PATH_BY_UID, {"uid": sop_instance_uid})
+
+    def known_instance(self, sop_instance_uid: str) -> KnownInstance | None:
+        """The row of an instance already recorded, ``None`` for a new SOP Instance UID."""
+        with self.engine.connect() as conn:
+            row = conn.execute(_KNOWN_INSTANCE, {"uid": sop_instance_uid}).first()
+        if row is None:
+            return None
+        return KnownInstance(id=int(row[0]), study_id=int(row[1]), relative_path=str(row[2]),
+                             size_bytes=int(row[3]), transfer_syntax_uid=str(row[4]),
+                             study_instance_uid=str(row[5]), series_instance_uid=str(row[6]))
+
+    def replace_instance(self, known: KnownInstance, rec: InstanceRecord, detail: str,
+                         now: datetime | None = None) -> None:
+        """Point an instance's row at its replaced file (size, transfer syntax, sender, time) and
+        audit it (``instance-resend-differs``), in one transaction; the study counts it as received."""
+        now = now or utcnow()
+        with self.engine.begin() as conn:
+            conn.execute(update(Instance).where(Instance.id == known.id).values(
+                size_bytes=rec.size_bytes, transfer_syntax_uid=rec.transfer_syntax_uid,
+                sop_class_uid=rec.sop_class_uid, calling_ae=rec.calling_ae, received_at=now))
+            conn.execute(update(Study).where(Study.id == known.study_id).values(
+                last_received_at=now, updated_at=now))
+            conn.execute(insert(AuditEntry).values(actor="scp", action="instance-resend-differs",
+                                                   study_id=known.study_id, detail=detail))
+        logger.warning("instance-resend-differs: %s", detail)
+
+    def record_event(self, study_id: int | None, action: str, detail: str) -> None:
+        """An audit row on a known study (by id) that leaves the study's reason as it is."""
+        with self.engine.begin() as conn:
+            conn.execute(insert(AuditEntry).values(actor="scp", action=action, study_id=study_id,
+                                                   detail=detail))
+        logger.warning("%s: %s", action, detail)
 
     def study_id(self, conn: Connection, uid: str) -> int:
         cached = self.study_ids.get(uid)

@@ -13,13 +13,23 @@ import os
 import re
 import shutil
 import tempfile
+import threading
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from node.errors import StorageError
 
-__all__ = ["InstanceStore", "StoredFile", "atomic_write", "validate_uid"]
+__all__ = ["InflateLimitError", "InstanceStore", "OverwritePolicy", "StoredFile", "atomic_write",
+           "inflate_bounded", "validate_uid"]
+
+OverwritePolicy = Literal["keep-first", "replace"]
+
+_LOCK_STRIPES = 64
+_COMPARE_CHUNK = 1 << 20
+_INFLATE_CHUNK = 1 << 20
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +92,41 @@ def atomic_write(path: Path, data: bytes | Sequence[bytes | memoryview], *,
         raise
 
 
+class InflateLimitError(ValueError):
+    """A deflated data set inflates to more than the configured bound."""
+
+
+def inflate_bounded(data: bytes | memoryview, limit: int) -> bytes:
+    """Inflate a raw deflate stream (Deflated Explicit VR Little Endian) of at most ``limit`` bytes.
+
+    zlib's ``decompressobj().decompress(data, max_length)`` hands the output over in 1 MiB pieces,
+    so a "bomb" (1 MB that inflates to 1 GiB) is refused once ``limit`` is passed, having held
+    no more than ``limit`` bytes.
+
+    Raises
+    ------
+    InflateLimitError
+        The stream inflates to more than ``limit`` bytes.
+    zlib.error
+        The stream is not valid deflate data.
+    """
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    out = bytearray()
+    pending: bytes | memoryview = data
+    while True:
+        piece = inflater.decompress(pending, _INFLATE_CHUNK)
+        out += piece
+        if len(out) > limit:
+            raise InflateLimitError(f"inflates to more than {limit // (1024 * 1024)} MB")
+        pending = inflater.unconsumed_tail
+        if inflater.eof or (not pending and not piece):
+            break
+    out += inflater.flush()
+    if len(out) > limit:
+        raise InflateLimitError(f"inflates to more than {limit // (1024 * 1024)} MB")
+    return bytes(out)
+
+
 def _fsync_folder(folder: Path) -> None:
     fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -108,12 +153,46 @@ class InstanceStore:
     fsync:
         Flush each file to the device before acknowledging it (survives power
         loss, not only a process crash).
+    overwrite:
+        What a differing resend of a stored SOP Instance UID does: ``keep-first``
+        keeps the stored file, ``replace`` replaces it (``[storage] overwrite``).
+    max_inflated_mb:
+        Largest deflated data set, once inflated, that is accepted.
     """
 
-    def __init__(self, root: Path, *, min_free_mb: int = 500, fsync: bool = True) -> None:
+    def __init__(self, root: Path, *, min_free_mb: int = 500, fsync: bool = True,
+                 overwrite: OverwritePolicy = "keep-first", max_inflated_mb: int = 256) -> None:
+        if overwrite not in ("keep-first", "replace"):
+            raise ValueError(f"overwrite must be keep-first or replace, not {overwrite!r}")
         self.root = root
         self.min_free_bytes = min_free_mb * 1024 * 1024
         self.fsync = fsync
+        self.overwrite: OverwritePolicy = overwrite
+        self.max_inflated_bytes = max_inflated_mb * 1024 * 1024
+        self._locks = tuple(threading.Lock() for _ in range(_LOCK_STRIPES))
+
+    def lock_for(self, sop_uid: str) -> threading.Lock:
+        """The lock that serialises the receipt of one SOP Instance UID (one of 64 stripes):
+        two associations storing the same instance at once neither both write nor both record it."""
+        return self._locks[hash(sop_uid) % _LOCK_STRIPES]
+
+    def same_content(self, relative_path: str, data: Sequence[bytes | memoryview]) -> bool:
+        """Whether the stored file holds exactly the bytes of ``data`` (its parts in order);
+        compared in 1 MiB pieces, after the sizes."""
+        path = self.absolute(relative_path)
+        parts = [memoryview(p) for p in data]
+        try:
+            if path.stat().st_size != sum(p.nbytes for p in parts):
+                return False
+            with path.open("rb") as f:
+                for part in parts:
+                    for start in range(0, part.nbytes, _COMPARE_CHUNK):
+                        piece = part[start:start + _COMPARE_CHUNK]
+                        if f.read(piece.nbytes) != piece:
+                            return False
+        except FileNotFoundError:
+            return False
+        return True
 
     def free_bytes(self) -> int:
         probe = self.root

@@ -14,7 +14,11 @@ A series is eligible when it is
 - at least ``min_slices`` slices forming one regular stack (one orientation,
   size and pixel spacing, no duplicate positions, regular spacing; checked by
   :func:`model.volume.sort_headers`);
-- no thicker than ``max_slice_thickness_mm``.
+- no thicker than ``max_slice_thickness_mm``;
+- of a plausible size: at most ``max_matrix`` rows and columns per slice and
+  ``max_voxels`` voxels in all (slices x frames x rows x columns), so that a
+  header declaring 65535 x 65535 pixels is refused with its reason instead of
+  failing on memory when the volume is allocated.
 
 Among eligible series the thinnest slices win (within 0.5 mm), then the kernel
 that suits HU-threshold measurement: a smooth/standard kernel rather than a
@@ -87,6 +91,10 @@ class SelectionRules:
     """Slices this much thicker than the thinnest still count as equally thin."""
     axial_tolerance_deg: float = 10.0
     """Largest angle between the slice normal and the patient's z axis."""
+    max_matrix: int = 2048
+    """Most rows, and most columns, of a slice that is analysed."""
+    max_voxels: int = 1 << 29
+    """Most voxels (slices x frames x rows x columns) of a series that is analysed."""
 
     def __post_init__(self) -> None:
         if self.kernel_preference not in ("smooth", "sharp", "any"):
@@ -94,6 +102,8 @@ class SelectionRules:
                 f"kernel_preference must be smooth, sharp or any, not {self.kernel_preference!r}")
         if self.min_slices < 1 or self.max_slice_thickness_mm <= 0 or self.sharp_noise_hu <= 0:
             raise ValueError("min_slices, max_slice_thickness_mm and sharp_noise_hu must be positive")
+        if self.max_matrix < 1 or self.max_voxels < 1:
+            raise ValueError("max_matrix and max_voxels must be positive")
 
 
 # --------------------------------------------------------------------------- kernels
@@ -282,6 +292,32 @@ def _axial_angle(ds: Dataset) -> float | None:
     return math.degrees(math.acos(min(1.0, abs(float(normal[2])) / norm)))
 
 
+def _whole(value: object) -> int | None:
+    """An integer attribute value (US, IS), ``None`` when absent or not a number."""
+    try:
+        return int(str(value)) if value not in (None, "") else None
+    except (TypeError, ValueError):
+        return None
+
+
+def _size_reasons(uid: str, datasets: Sequence[Dataset], rules: SelectionRules) -> list[str]:
+    """Why a series is too large to analyse: its slice matrix or its voxel count."""
+    reasons: list[str] = []
+    shapes = {(_whole(ds.get("Rows")), _whole(ds.get("Columns"))) for ds in datasets}
+    largest = max(((r or 0, c or 0) for r, c in shapes), key=lambda rc: rc[0] * rc[1])
+    if max(max(r or 0, c or 0) for r, c in shapes) > rules.max_matrix:
+        reasons.append(f"has {largest[0]}x{largest[1]} pixels per slice; at most "
+                       f"{rules.max_matrix}x{rules.max_matrix} are analysed")
+    voxels = sum(max(_whole(ds.get("NumberOfFrames")) or 1, 1) * (_whole(ds.get("Rows")) or 0)
+                 * (_whole(ds.get("Columns")) or 0) for ds in datasets)
+    if voxels > rules.max_voxels:
+        reasons.append(f"has {voxels:,} voxels ({len(datasets)} images of up to "
+                       f"{largest[0]}x{largest[1]}); at most {rules.max_voxels:,} are analysed")
+    if reasons:
+        logger.warning("series %s: %s", uid, "; ".join(reasons))
+    return reasons
+
+
 def _judge(uid: str, instances: Sequence[StoredInstance], rules: SelectionRules) -> _Judged:
     """One series' candidate record: eligible, or refused with reasons."""
     classes = {i.sop_class_uid for i in instances}
@@ -307,7 +343,7 @@ def _judge(uid: str, instances: Sequence[StoredInstance], rules: SelectionRules)
                             f"has an unreadable file {inst.path.name} (SOP {inst.sop_instance_uid}): {exc}")
     first = datasets[0]
     kernel = _kernel_text(first)
-    reasons: list[str] = []
+    reasons: list[str] = _size_reasons(uid, datasets, rules)
     modalities = sorted({str(ds.get("Modality", "")) for ds in datasets})
     if modalities != ["CT"]:
         reasons.append(f"has modality {'/'.join(m or 'missing' for m in modalities)}, not CT")
