@@ -1,14 +1,15 @@
 """Scale-out as the README describes it: two ``lungnode serve`` processes (two nodes, each with its
 own DICOM port and workers) on one PostgreSQL database and one storage root.
 
-Four studies are sent at once, two to each node.  Both nodes' completion ticks, workers and
-outboxes see all four; the claims must leave every study analysed exactly once and every result
-delivered exactly once (counted in the database and in what a DCMTK storescp receives, with
-unique file names so that a second copy would show).
+Four studies are sent at once: one to each node, and two half to each (six senders).
+Both nodes' completion ticks, workers and outboxes see all four; the claims must leave every study
+analysed exactly once and every result delivered exactly once (counted in the database and in
+what a DCMTK storescp receives, with unique file names so that a second copy would show).
 """
 
 from __future__ import annotations
 
+import os
 import threading
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -106,8 +107,17 @@ def test_two_nodes_on_one_database_analyse_and_deliver_each_study_once(
     studies = [write_study(tmp_path / f"study{k}", SynthSpec(
         seed=20 + k, involvement=0.1 * k, rows=128, slices=SLICES, slice_thickness_mm=8.0))
         for k in range(4)]
-    _together([partial(storescu, [studies[k].dicom_dir], "127.0.0.1", ports[k // 2], "LUNGNODE")
-               for k in range(4)])
+    # studies 2 and 3 half to each node (even slices to one, odd to the other: a PACS whose
+    # associations a load balancer spreads); six senders at once, two studies' worth per node
+    sends: list[tuple[list[Path], int]] = [([studies[0].dicom_dir], 0), ([studies[1].dicom_dir], 1)]
+    for k in (2, 3):
+        halves = [tmp_path / f"study{k}-even", tmp_path / f"study{k}-odd"]
+        for half in halves:
+            half.mkdir()
+        for i, f in enumerate(sorted(studies[k].paths)):
+            os.link(f, halves[i % 2] / f.name)
+        sends += [([halves[0]], 0), ([halves[1]], 1)]
+    _together([partial(storescu, folders, "127.0.0.1", ports[node], "LUNGNODE") for folders, node in sends])
 
     sessions = make_session_factory(make_engine(db_url))
 
