@@ -246,10 +246,15 @@ def _find_study(session, ref: str) -> Study:  # type: ignore[no-untyped-def]
 @app.command()
 def show(study: str) -> None:
     """Everything the node knows about one study (id or Study Instance UID)."""
+    from node.work.outbox import study_delivered_at
+
     with _sessions()() as session:
         st = _find_study(session, study)
         console.print(f"[bold]study {st.id}[/bold] {st.study_instance_uid}")
         console.print(f"state: {st.state.value}" + (f" - {escape(st.reason)}" if st.reason else ""))
+        delivered_at = study_delivered_at(session, st.id)
+        if delivered_at is not None:
+            console.print(f"delivered: {delivered_at:%Y-%m-%d %H:%M:%S} UTC (last result acknowledged)")
         console.print(f"instances: {st.instance_count} (analysed {st.analysed_instance_count}), "
                       f"last received {st.last_received_at:%Y-%m-%d %H:%M:%S} UTC")
         if st.purged_at is not None:
@@ -380,17 +385,29 @@ def deliveries(ctx: typer.Context, limit: int = 100,
 
 
 @deliveries_app.command("retry")
-def deliveries_retry(delivery_id: int) -> None:
-    """Re-queue a dead delivery for an immediate attempt."""
-    from node.work.outbox import retry_delivery
+def deliveries_retry(
+    delivery_id: Annotated[int | None, typer.Argument(help="one delivery's id")] = None,
+    dead: Annotated[bool, typer.Option("--dead", help="every dead delivery")] = False,
+    destination: Annotated[str | None, typer.Option(
+        "--destination", help="the deliveries to this destination (dead and pending)")] = None,
+) -> None:
+    """Re-queue deliveries for an immediate attempt: one by ID, or --dead and/or --destination."""
+    from node.work.outbox import requeue_deliveries, retry_delivery
 
+    if (delivery_id is None) == (not dead and destination is None):
+        _error("give a delivery id, or --dead and/or --destination NAME (not both kinds)")
+        raise typer.Exit(2)
     with _sessions()() as session:
         try:
-            d = retry_delivery(session, delivery_id, actor="cli")
+            if delivery_id is not None:
+                d = retry_delivery(session, delivery_id, actor="cli")
+                console.print(f"delivery {d.id} to {d.destination} re-queued")
+                return
+            ids = requeue_deliveries(session, "cli", dead=dead, destination=destination)
         except LungnodeError as exc:
             _error(str(exc))
             raise typer.Exit(1) from exc
-        console.print(f"delivery {d.id} to {d.destination} re-queued")
+    console.print(f"{len(ids)} deliveries re-queued" + (f": {', '.join(map(str, ids))}" if ids else ""))
 
 
 @db_app.command("upgrade")

@@ -290,12 +290,12 @@ def run_job(ctx: NodeContext, claimed: ClaimedJob) -> StudyState:
                 logger.warning("job %d: lease lost; results discarded", claimed.job_id)
                 return StudyState.ANALYSING
             state = _commit_results(ctx, claimed, version, objects, paths, rel_dir, summarise(analysis))
-        if state == StudyState.COMPLETE and ctx.on_results is not None:
+        if state in (StudyState.COMPLETE, StudyState.DELIVERING) and ctx.on_results is not None:
             try:
                 ctx.on_results()
             except Exception:  # noqa: BLE001 - the results are committed; the outbox tick sends them
                 logger.exception("job %d: could not start the delivery at once", claimed.job_id)
-        if state == StudyState.COMPLETE and s.analysis.anonymize:
+        if state in (StudyState.COMPLETE, StudyState.DELIVERING) and s.analysis.anonymize:
             archive_series(ctx, claimed.study_id, f"job {claimed.job_id}", selected, uid_map)
         return state
     except SelectionError as exc:
@@ -393,9 +393,10 @@ _NOT_ARCHIVED = "not archived for training"
 def archive_pending(ctx: NodeContext) -> int:
     """Write the archive copies that a stop between results and archive left out.
 
-    Complete studies with an analysed series and no UID mapping yet (the
-    mapping is recorded with the archive copy) are archived now; returns how
-    many were written.  The node runs this once when its first worker starts.
+    Studies with results (complete, or in a delivery state) with an analysed
+    series and no UID mapping yet (the mapping is recorded with the archive
+    copy) are archived now; returns how many were written.  The node runs
+    this once when its first worker starts.
     """
     s = ctx.settings
     if not s.analysis.anonymize:
@@ -403,7 +404,8 @@ def archive_pending(ctx: NodeContext) -> int:
     with ctx.sessions() as session:
         mapped = select(UidMapping.study_id)
         todo = [(st.id, st.study_instance_uid, st.selected_series_uid) for st in session.scalars(
-            select(Study).where(Study.state == StudyState.COMPLETE,
+            select(Study).where(Study.state.in_([StudyState.COMPLETE, StudyState.DELIVERING,
+                                                 StudyState.DELIVERED, StudyState.DELIVERY_FAILED]),
                                 Study.archive_note.is_(None),  # refused (burned-in) or purged
                                 Study.selected_series_uid.is_not(None), Study.id.not_in(mapped)))]
     written = 0
@@ -444,6 +446,7 @@ def _commit_results(ctx: NodeContext, claimed: ClaimedJob, version: int, objects
             return StudyState.ANALYSING
         study = session.get_one(Study, claimed.study_id)
         destinations = ctx.settings.delivery.destinations
+        queued = 0
         for kind, ds in (("sr", objects.sr), ("seg", objects.seg), ("summary", objects.summary)):
             if kind == "summary" and not ctx.settings.delivery.send_summary_image:
                 continue
@@ -456,6 +459,7 @@ def _commit_results(ctx: NodeContext, claimed: ClaimedJob, version: int, objects
             session.flush()
             for dest in destinations:
                 session.add(Delivery(result_object_id=obj.id, destination=dest))
+                queued += 1
         now = utcnow()
         transition_job(job, JobState.DONE)
         job.finished_at = now
@@ -469,9 +473,12 @@ def _commit_results(ctx: NodeContext, claimed: ClaimedJob, version: int, objects
                    f"{summary['severity_category']}; {ALGORITHM_NAME} {ALGORITHM_VERSION}"
                    + (f", model {model['name']} {model['version']} sha256 {model['sha256']} on "
                       f"{model['device']}" if model else ", no model")))
-        transition(session, study, StudyState.COMPLETE,
-                   reason=f"result version {version}: {summary['severity_category']}, "
-                          f"{summary['percent_opacity']['total']:.1f} % opacity",
-                   actor="worker")
+        # with destinations the study is delivering until the outbox settles its deliveries
+        # (node.work.outbox.settle_study); without, its results are complete where they are
+        state = StudyState.DELIVERING if queued else StudyState.COMPLETE
+        note = (f"result version {version}: {summary['severity_category']}, "
+                f"{summary['percent_opacity']['total']:.1f} % opacity")
+        transition(session, study, state, actor="worker",
+                   reason=f"{note}; 0 of {queued} deliveries sent" if queued else note)
         session.commit()
-    return StudyState.COMPLETE
+    return state

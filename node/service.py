@@ -43,7 +43,7 @@ from node.work.jobs import (
     release_lease,
     release_orphaned_leases,
 )
-from node.work.outbox import deliver_due
+from node.work.outbox import DestinationProbe, deliver_due
 from node.work.retention import purge
 
 __all__ = ["DatabaseWatch", "Node"]
@@ -166,6 +166,8 @@ class Node:
         """Threads that wait for scheduled training processes and record how they ended."""
         self.database = DatabaseWatch()
         """Which parts lost the database (each logged once per outage)."""
+        self.probe = DestinationProbe()
+        """C-ECHO of the destinations the outbox cannot reach; their backlog goes once they answer."""
 
     # -- periodic work ---------------------------------------------------------
     # The interval ticks are the fallback; hand-offs within the process do not wait for them:
@@ -205,7 +207,7 @@ class Node:
         peers = {p.name: p for p in self.settings.peers}
         with self.database.guard("outbox"):
             deliver_due(self.sessions, self.settings.storage.root, peers, self.settings.dicom,
-                        self.settings.delivery, self.owner)
+                        self.settings.delivery, self.owner, probe=self.probe)
 
     def audit_tick(self) -> None:
         """Seal the audit rows written since the last seal (:func:`node.work.audit.seal`)."""

@@ -12,7 +12,14 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from node.errors import ConfigError
@@ -154,14 +161,33 @@ class Peer(_Section):
 
 
 class DeliverySettings(_Section):
+    """The outbox (:mod:`node.work.outbox`): where results go and how long they are retried."""
+
     destinations: list[str] = Field(default_factory=list)
     """Peer names that receive every result."""
-    max_attempts: int = Field(8, ge=1)
+    horizon_hours: float = Field(72.0, gt=0)
+    """A delivery is retried until this long after it was queued, then it is ``dead`` (and its
+    study ``delivery-failed``) until ``lungnode deliveries retry``; longer than any outage of a
+    destination the results should survive."""
     backoff_seconds: float = Field(5.0, gt=0)
+    """First retry this long after a failure, doubling up to ``backoff_max_seconds``; a failing
+    destination is also probed with C-ECHO this often, and its backlog is sent once it answers."""
     backoff_max_seconds: float = Field(900.0, gt=0)
     poll_seconds: float = Field(1.0, gt=0)
     """Outbox interval (retries, other processes' results); ``serve`` sends its own results at once."""
     send_summary_image: bool = True
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_max_attempts(cls, data: Any) -> Any:
+        # an old configuration's limit (8 attempts: 11 minutes) is what lost results in an outage
+        if isinstance(data, dict) and "max_attempts" in data:
+            raise ValueError(
+                "[delivery] max_attempts was replaced by horizon_hours (default 72): deliveries "
+                "are retried until that many hours after they were queued, however many attempts "
+                "that takes. Remove max_attempts from the configuration (and set horizon_hours "
+                "if 72 hours is not what you want).")
+        return data
 
 
 class WebSettings(_Section):

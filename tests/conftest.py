@@ -89,7 +89,7 @@ def make_settings(tmp_path: Path) -> Callable[..., Settings]:
             "database": {"url": db},
             "completion": {"stable_seconds": 1.0, "poll_seconds": 0.2},
             "worker": {"count": 1, "lease_seconds": 30.0, "poll_seconds": 0.2, "warm_up": False},
-            "delivery": {"poll_seconds": 0.2, "backoff_seconds": 0.5, "max_attempts": 3},
+            "delivery": {"poll_seconds": 0.2, "backoff_seconds": 0.5},
             "web": {"enabled": False},
         }
         for name, values in sections.items():

@@ -194,7 +194,7 @@ def test_sigkill_during_receive_and_during_job(tmp_path: Path, db_url: str,
         wait_for(delivered, 120, 0.05, "the results to be delivered")
         with sessions() as s:
             study = s.scalars(select(Study)).one()
-            assert study.state == StudyState.COMPLETE
+            assert study.state == StudyState.DELIVERED
             assert study.result_version == 1
             # (the 12 instances of before the first kill may have been judged on their own
             # at restart: a job that ends "rejected, 12 slices" before the rest arrives)

@@ -79,7 +79,7 @@ def test_orthanc_round_trip_and_reanalysis(orthanc_and_node: tuple[Orthanc, Node
         assert ds.SeriesInstanceUID != source.SeriesInstanceUID
     with node.sessions() as s:
         study = s.scalars(select(Study)).one()
-        assert study.state == StudyState.COMPLETE
+        assert study.state in (StudyState.DELIVERING, StudyState.DELIVERED)  # marked sent or not yet
         assert study.selected_series_uid == source.SeriesInstanceUID
         summary = json.loads(study.summary or "{}")
         assert 2000 < summary["lung_volume_ml"]["total"] < 9000
@@ -195,8 +195,8 @@ def test_hand_offs_do_not_wait_for_the_interval_ticks(
             received = receiver.wait_for_files(3, timeout=180)
             classes = {str(pydicom.dcmread(p, stop_before_pixels=True).SOPClassUID) for p in received}
             assert classes == {SR_CLASS, SEG_CLASS, SC_CLASS}
-            with node.sessions() as s:
-                assert s.scalars(select(Study)).one().state == StudyState.COMPLETE
             wait_for(lambda: _deliveries_sent(node), 60, 0.2, "deliveries marked sent")
+            with node.sessions() as s:
+                assert s.scalars(select(Study)).one().state == StudyState.DELIVERED
         finally:
             node.stop()

@@ -83,7 +83,7 @@ def test_destination_down_then_back_gets_everything_once(outbox, tmp_path: Path)
     sessions, root, ids = outbox
     port = free_port()
     peers = {"pacs": Peer(name="pacs", ae_title="RECEIVER", host="127.0.0.1", port=port)}
-    settings = DeliverySettings(destinations=["pacs"], backoff_seconds=30, max_attempts=5)
+    settings = DeliverySettings(destinations=["pacs"], backoff_seconds=30)
     dicom = DicomSettings(ae_title="LUNGNODE", network_timeout=5, acse_timeout=5)
     out = deliver_due(sessions, root, peers, dicom, settings, "me")
     assert (out.sent, out.failed) == (0, 3)
@@ -109,15 +109,17 @@ def test_destination_down_then_back_gets_everything_once(outbox, tmp_path: Path)
 def test_refusing_destination_goes_dead_and_retry_requeues(outbox, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     sessions, root, ids = outbox
     port = free_port()
-    settings = DeliverySettings(destinations=["pacs"], backoff_seconds=0.01, max_attempts=2)
+    settings = DeliverySettings(destinations=["pacs"], backoff_seconds=0.01, horizon_hours=1)
     dicom = DicomSettings(ae_title="LUNGNODE", network_timeout=5, acse_timeout=5)
     received = tmp_path / "received"
     received.mkdir()
     peers = {"pacs": Peer(name="pacs", ae_title="RECEIVER", host="127.0.0.1", port=port)}
     with StoreSCP(received, port=port, aet="RECEIVER", refuse=True):  # up, but refuses
-        for _ in range(2):
-            deliver_due(sessions, root, peers, dicom, settings, "me",
-                        now=utcnow() + timedelta(seconds=1))
+        # within the horizon a failure is retried, after it the delivery is dead
+        for later in (timedelta(seconds=1), timedelta(hours=2)):
+            deliver_due(sessions, root, peers, dicom, settings, "me", now=utcnow() + later)
+            if later < timedelta(hours=1):
+                assert _states(sessions) == [DeliveryState.PENDING] * 3
         assert _states(sessions) == [DeliveryState.DEAD] * 3
         with sessions() as s:
             d = s.get_one(Delivery, ids[0])

@@ -42,13 +42,16 @@ def _page(studies: list[dict[str, Any]], deliveries: list[dict[str, Any]]) -> st
 <meta http-equiv="refresh" content="10">
 <style>body{{font-family:sans-serif;margin:1em}}table{{border-collapse:collapse}}
 td,th{{border:1px solid #ccc;padding:2px 6px;font-size:13px}}
-.failed,.dead,.rejected{{background:#fdd}}.complete,.sent{{background:#dfd}}</style></head>
+.failed,.dead,.rejected,.delivery-failed{{background:#fdd}}
+.complete,.sent,.delivered{{background:#dfd}}.delivering,.pending{{background:#ffd}}</style></head>
 <body><h1>lungnode</h1><h2>Studies</h2><table><tr><th>id</th><th>Study UID</th><th>state</th>
 <th>instances</th><th>version</th><th>last instance</th><th>deliveries</th><th>reason</th></tr>
 {srows}</table><h2>Deliveries</h2><table><tr><th>id</th><th>Study UID</th><th>object</th>
 <th>version</th><th>destination</th><th>state</th><th>attempts</th><th>next attempt</th>
 <th>last error</th></tr>{drows}</table>
-<p>Retry a dead delivery with <code>lungnode deliveries retry ID</code>.</p></body></html>"""
+<p>Retry a dead delivery with <code>lungnode deliveries retry ID</code>, all of them with
+<code>lungnode deliveries retry --dead</code>, a destination's with
+<code>lungnode deliveries retry --destination NAME</code>.</p></body></html>"""
 
 
 class WebServer:

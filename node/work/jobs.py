@@ -71,7 +71,9 @@ class ClaimedJob:
 
 _WAITING = (
     Study.instance_count > Study.analysed_instance_count,
-    Study.state.in_([StudyState.RECEIVING, StudyState.COMPLETE, StudyState.REJECTED, StudyState.FAILED]),
+    Study.state.in_([StudyState.RECEIVING, StudyState.COMPLETE, StudyState.DELIVERING,
+                     StudyState.DELIVERED, StudyState.DELIVERY_FAILED, StudyState.REJECTED,
+                     StudyState.FAILED]),
 )
 """A study waits for analysis: it has instances no analysis has seen, and no job is queued or running."""
 

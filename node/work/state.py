@@ -53,11 +53,21 @@ TRANSITIONS: dict[StudyState, frozenset[StudyState]] = {
     S.RECEIVING: frozenset({S.QUEUED}),
     # a worker claimed the job
     S.QUEUED: frozenset({S.ANALYSING}),
-    # results built (complete), nothing to analyse (rejected), an error (failed),
-    # or the worker's lease expired and the job went back to the queue
-    S.ANALYSING: frozenset({S.COMPLETE, S.REJECTED, S.FAILED, S.QUEUED, S.ANALYSING}),
-    # more instances arrived after an analysis, or an administrator retries
-    S.COMPLETE: frozenset({S.QUEUED}),
+    # results built and queued for the destinations (delivering) or, with no destinations,
+    # complete; nothing to analyse (rejected), an error (failed), or the worker's lease
+    # expired and the job went back to the queue
+    S.ANALYSING: frozenset({S.COMPLETE, S.DELIVERING, S.REJECTED, S.FAILED, S.QUEUED,
+                            S.ANALYSING}),
+    # more instances arrived after an analysis, or an administrator retries (every end state
+    # and every delivery state); a study completed before the delivery states existed takes
+    # the state of its deliveries when the outbox next settles them
+    S.COMPLETE: frozenset({S.QUEUED, S.DELIVERING, S.DELIVERED, S.DELIVERY_FAILED}),
+    # the outbox: every result reached every destination (delivered), or one delivery
+    # passed its horizon (delivery-failed)
+    S.DELIVERING: frozenset({S.DELIVERED, S.DELIVERY_FAILED, S.QUEUED}),
+    S.DELIVERED: frozenset({S.QUEUED}),
+    # an administrator re-queued the dead deliveries (`lungnode deliveries retry --dead`)
+    S.DELIVERY_FAILED: frozenset({S.DELIVERING, S.QUEUED}),
     S.REJECTED: frozenset({S.QUEUED}),
     S.FAILED: frozenset({S.QUEUED}),
 }
@@ -117,12 +127,12 @@ D = DeliveryState
 DELIVERY_TRANSITIONS: dict[DeliveryState, frozenset[DeliveryState]] = {
     # a sender claimed the row, or an administrator asked for an attempt now
     D.PENDING: frozenset({D.SENDING, D.PENDING}),
-    # acknowledged (sent), failed and rescheduled (pending), out of attempts (dead),
-    # or the sender's lease expired and another sender claimed it again (sending)
+    # acknowledged (sent), failed and rescheduled (pending), failed after its horizon
+    # (dead), or the sender's lease expired and another sender claimed it again (sending)
     D.SENDING: frozenset({D.SENT, D.PENDING, D.DEAD, D.SENDING}),
     # the peer has the object; sending it again is never needed
     D.SENT: frozenset(),
-    # an administrator re-queued it (`lungnode deliveries retry ID`)
+    # an administrator re-queued it (`lungnode deliveries retry ID`, `--dead`, `--destination`)
     D.DEAD: frozenset({D.PENDING}),
 }
 
