@@ -10,7 +10,9 @@ an administrator re-queues (``lungnode deliveries retry --dead`` /
 
 from __future__ import annotations
 
+import json
 import logging
+import urllib.request
 from collections.abc import Callable
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -38,6 +40,7 @@ from node.errors import IllegalTransition
 from node.migrate import upgrade
 from node.service import Node
 from node.settings import DeliverySettings, DicomSettings, Peer, Settings
+from node.web.app import WebServer
 from node.work.outbox import (
     VERIFICATION,
     DestinationProbe,
@@ -263,9 +266,18 @@ def test_deliveries_retry_in_bulk_from_the_command_line(tmp_path: Path) -> None:
     code, text = lungnode("deliveries", "retry", "--dead", "--destination", "other")
     assert code == 0 and f"2 deliveries re-queued: {ids[2]}, {ids[4]}" in text, text
     assert lungnode("show", str(study_id))[1].count("state: delivery-failed") == 1  # pacs's dead one
+    web = WebServer("127.0.0.1", 0, sessions)
+    web.start()
+    try:
+        page = urllib.request.urlopen(f"http://127.0.0.1:{web.port}/").read().decode()
+        assert "<tr class='delivery-failed'>" in page and "retry --dead" in page
+    finally:
+        web.stop()
     code, text = lungnode("deliveries", "retry", "--destination", "pacs")
     assert code == 0 and f"2 deliveries re-queued: {ids[0]}, {ids[1]}" in text, text
     assert "state: delivering" in lungnode("show", str(study_id))[1]
+    code, text = lungnode("studies", "--json")
+    assert code == 0 and json.loads(text)[0]["state"] == "delivering"
     code, text = lungnode("deliveries", "retry", "--dead")
     assert code == 0 and "0 deliveries re-queued" in text
     code, text = lungnode("deliveries", "retry", str(ids[3]))
@@ -314,23 +326,24 @@ def test_results_made_while_orthanc_is_down_arrive_once_when_it_answers_again(
 
         def retried_past_the_old_limit() -> bool:
             rows = _waiting(node)
-            return len(rows) == 6 and all(d.attempts > 8 for d in rows)
+            return len(rows) == 6 and all(d.attempts > 10 for d in rows)
 
-        wait_for(retried_past_the_old_limit, 120, 0.1, "both studies' results retried 9 times")
+        wait_for(retried_past_the_old_limit, 120, 0.1, "both studies' results retried 11 times")
         with node.sessions() as s:
             assert {st.state for st in s.scalars(select(Study))} == {StudyState.DELIVERING}
         assert {d.state for d in _waiting(node)} <= {DeliveryState.PENDING, DeliveryState.SENDING}
-        # from here each delivery's own next attempt is minutes away; only the probe can help
+        # from here each delivery's own next attempt is minutes away (0.2 s * 2**11 after its
+        # 12th failure); only the probe can send them sooner
         node.settings.delivery.backoff_max_seconds = 3600.0
 
         def far() -> dict[int, datetime] | None:
             rows = _waiting(node)
-            soon = utcnow() + timedelta(seconds=90)
+            soon = utcnow() + timedelta(seconds=300)
             if all(d.state == DeliveryState.PENDING and d.next_attempt_at > soon for d in rows):
                 return {d.id: d.next_attempt_at for d in rows}
             return None
 
-        held = wait_for(far, 60, 0.1, "every delivery's next attempt to be 90 s away")
+        held = wait_for(far, 60, 0.1, "every delivery's next attempt to be 5 minutes away")
         assert held is not None
         with orthanc:
             wait_for(lambda: all(d.state == DeliveryState.SENT for d in _waiting(node)), 60, 0.1,
