@@ -211,7 +211,8 @@ def _blocked(settings: Settings) -> ColumnElement[bool]:
         archived = exists().where(UidMapping.study_id == Study.id)
         failed = exists().where(AuditEntry.study_id == Study.id,
                                 AuditEntry.action == "archive-failed")
-        conds.append((Study.state == StudyState.COMPLETE) & Study.selected_series_uid.is_not(None)
+        conds.append(Study.state.in_(PURGEABLE_STATES) & (Study.state != StudyState.REJECTED)
+                     & Study.selected_series_uid.is_not(None)
                      & ~archived & ~failed & Study.archive_note.is_(None))
     return or_(*conds)
 
