@@ -145,8 +145,10 @@ def _safe_url(url: str) -> str:
 
 @app.command()
 def echo(peer: str) -> None:
-    """C-ECHO a configured peer."""
+    """C-ECHO a configured peer (over DICOM TLS when the peer has ``tls = true``)."""
     from pynetdicom import AE
+
+    from node.dicom.tls import client_context
 
     s = _settings()
     try:
@@ -157,9 +159,12 @@ def echo(peer: str) -> None:
     ae = AE(ae_title=s.dicom.ae_title)
     ae.add_requested_context("1.2.840.10008.1.1")
     ae.acse_timeout = ae.network_timeout = s.dicom.network_timeout
-    assoc = ae.associate(p.host, p.port, ae_title=p.ae_title)
+    tls_args = (client_context(s.dicom), p.host) if p.tls else None
+    assoc = ae.associate(p.host, p.port, ae_title=p.ae_title, tls_args=tls_args)
     if not assoc.is_established:
-        _error(f"{peer} ({p.ae_title}@{p.host}:{p.port}) did not accept an association")
+        _error(f"{peer} ({p.ae_title}@{p.host}:{p.port}) did not accept an association"
+               + (" over DICOM TLS (check its certificate, tls_ca_file and that it trusts the "
+                  "node's certificate)" if p.tls else ""))
         raise typer.Exit(1)
     status = assoc.send_c_echo()
     assoc.release()

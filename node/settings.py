@@ -2,7 +2,8 @@
 
 Loaded once by the CLI (:func:`load_settings`) and passed down; nothing here
 reads the environment or the disk at import time.  Relative paths in the file
-(storage root, SQLite database) are relative to the file's folder.
+(storage root, SQLite database, TLS certificate, key and CA files) are relative to the
+file's folder.
 """
 
 from __future__ import annotations
@@ -74,7 +75,42 @@ class DicomSettings(_Section):
     max_pdu: int = Field(131072, ge=0)
     """Maximum PDU size the node receives (0 means unlimited)."""
 
+    tls_port: int | None = Field(None, ge=1, le=65535)
+    """Port of the DICOM TLS listener (PS3.15 Annex B secure transport, :mod:`node.dicom.tls`);
+    ``None``: no TLS listener."""
+    plain: bool = True
+    """Also listen without TLS on ``port`` (``False``: TLS only, on ``tls_port``)."""
+    tls_certificate: Path | None = None
+    """PEM certificate (chain) of the node: presented by the TLS listener, and as client
+    certificate to peers with ``tls = true``."""
+    tls_key: Path | None = None
+    """PEM private key of ``tls_certificate``, unencrypted (protect it by file permissions)."""
+    tls_ca_file: Path | None = None
+    """PEM certificates of the CAs the node trusts: for the client certificates of senders on
+    ``tls_port`` and the server certificates of TLS peers (``None``: peers' certificates are
+    checked against the system's CAs)."""
+    tls_require_client_certificate: bool = True
+    """Accept TLS connections only from peers that present a certificate signed by a CA in
+    ``tls_ca_file`` (``False``: encryption without client authentication)."""
+
     _ae = field_validator("ae_title")(classmethod(lambda cls, v: _check_ae_title(v)))
+
+    @model_validator(mode="after")
+    def _tls(self) -> DicomSettings:
+        if self.tls_port is None:
+            if not self.plain:
+                raise ValueError("plain = false (no plain listener) needs a tls_port")
+            return self
+        if self.plain and self.tls_port == self.port:
+            raise ValueError(f"tls_port {self.tls_port} is also the plain port; give it another")
+        missing = [k for k in ("tls_certificate", "tls_key") if getattr(self, k) is None]
+        if self.tls_require_client_certificate and self.tls_ca_file is None:
+            missing.append("tls_ca_file")
+        if missing:
+            raise ValueError(f"tls_port {self.tls_port} needs {' and '.join(missing)} (the "
+                             "node's certificate, its key, and the CA of its senders' client "
+                             "certificates)")
+        return self
 
 
 class StorageSettings(_Section):
@@ -156,6 +192,9 @@ class Peer(_Section):
     ae_title: str
     host: str
     port: int = Field(ge=1, le=65535)
+    tls: bool = False
+    """Associate over DICOM TLS: the peer's certificate is verified against ``[dicom]
+    tls_ca_file`` and its host, and the node presents its certificate as client certificate."""
 
     _ae = field_validator("ae_title")(classmethod(lambda cls, v: _check_ae_title(v)))
 
@@ -343,7 +382,8 @@ def load_settings(path: Path | None = None) -> Settings:
     Raises
     ------
     ConfigError
-        The file is missing, not TOML, has an unknown key or an invalid value.
+        The file is missing, not TOML, has an unknown key or an invalid value, or a TLS
+        certificate, key or CA file it names is missing or does not load.
     """
     path = (path or default_config_path()).resolve()
     data: dict[str, Any] = {}
@@ -365,9 +405,16 @@ def load_settings(path: Path | None = None) -> Settings:
         settings.model.registry = _resolve(base, settings.model.registry)
     if settings.training.root is not None:
         settings.training.root = _resolve(base, settings.training.root)
+    for key in ("tls_certificate", "tls_key", "tls_ca_file"):
+        value = getattr(settings.dicom, key)
+        if value is not None:
+            setattr(settings.dicom, key, _resolve(base, value))
     settings.config_path = path
     names = {p.name for p in settings.peers}
     missing = [d for d in settings.delivery.destinations if d not in names]
     if missing:
         raise ConfigError(f"[delivery] destinations {missing} are not names of [[peers]]")
+    from node.dicom.tls import check_tls_settings  # the TLS files load once, here
+
+    check_tls_settings(settings.dicom, settings.peers)
     return settings

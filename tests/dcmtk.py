@@ -226,11 +226,13 @@ class StoreSCP:
     complete (``--exec-on-reception``); that command leaves a marker of the
     same name in a folder of its own before the C-STORE response goes out
     (``--exec-sync``), and :meth:`files` lists only the files that have one.
+    ``echo_args`` go to the echoscu that checks it is up (TLS options for a
+    storescp started with ``+tls``).
     """
 
     def __init__(self, folder: Path, *, port: int | None = None, aet: str = "STORESCP",
                  refuse: bool = False, tcp_nodelay: bool = True,
-                 extra_args: Sequence[str] = ()) -> None:
+                 extra_args: Sequence[str] = (), echo_args: Sequence[str] = ()) -> None:
         self.folder = Path(folder)
         self._port_given = port is not None
         self.port = port or free_port()
@@ -238,6 +240,7 @@ class StoreSCP:
         self.refuse = refuse
         self.tcp_nodelay = tcp_nodelay
         self.extra_args = tuple(extra_args)
+        self.echo_args = tuple(echo_args)
         self._proc: subprocess.Popen[bytes] | None = None
         self._log: IO[bytes] | None = None
         self._done: tempfile.TemporaryDirectory[str] | None = None
@@ -283,8 +286,8 @@ class StoreSCP:
             raise PeerError(f"storescp on port {self.port} exited with status {self._proc.returncode}: "
                             f"{self.log_text()[-2000:]}")
         try:  # a short ACSE timeout: something else may hold the port and never answer
-            res = echoscu("127.0.0.1", self.port, self.aet, extra_args=("-ta", "2"), check=False,
-                          timeout=5)
+            res = echoscu("127.0.0.1", self.port, self.aet, extra_args=("-ta", "2", *self.echo_args),
+                          check=False, timeout=5)
         except PeerError:
             return False
         if self.refuse:  # up once it answers, with a rejection

@@ -55,6 +55,7 @@ from node.dicom.catalog import Catalog, InstanceRecord
 from node.dicom.receipts import ReceiptLog
 from node.dicom.sockets import no_delay
 from node.dicom.storage import InstanceStore, atomic_write, validate_uid
+from node.dicom.tls import complete_handshake, server_context
 from node.errors import LabelError, StorageError
 from node.learn.labels import LabelRecorder
 from node.learn.sr_labels import LABEL_SR_SOP_CLASSES, parse_label_sr
@@ -186,6 +187,7 @@ class StoreSCP:
         self.labels = labels or LabelRecorder(catalog.sessions, store.root, store.root / "archive")
         self._ae: AE | None = None
         self._server: ThreadedAssociationServer | None = None
+        self._tls_server: ThreadedAssociationServer | None = None  # [dicom] tls_port
 
     # -- association control -------------------------------------------------
     def _on_requested(self, event: Event) -> None:
@@ -341,7 +343,13 @@ class StoreSCP:
         return ae
 
     def start(self) -> None:
-        """Listen on ``[dicom] host:port`` in background threads."""
+        """Listen on ``[dicom] host:port`` and/or, with DICOM TLS, on ``tls_port``, in background
+        threads.
+
+        Both listeners belong to one AE and share its handlers, peer checks, storage and
+        catalog; a TLS connection first completes its handshake (:meth:`_on_tls_connection`).
+        When the second listener cannot start, the first is stopped again (``OSError``).
+        """
         handlers: list = [
             (evt.EVT_CONN_OPEN, no_delay),
             (evt.EVT_REQUESTED, self._on_requested),
@@ -349,28 +357,69 @@ class StoreSCP:
             (evt.EVT_C_ECHO, lambda event: STATUS_SUCCESS),
             *ReceiptLog(self.catalog.engine).handlers(),  # who sent what: audit rows per association
         ]
+        s = self.settings
         ae = self.make_ae()
-        server = ae.start_server((self.settings.host, self.settings.port), block=False,
-                                 evt_handlers=handlers)
+        try:
+            if s.plain:
+                self._server = cast(ThreadedAssociationServer, ae.start_server(
+                    (s.host, s.port), block=False, evt_handlers=handlers))
+            if s.tls_port is not None:
+                # bound after the handlers above: the handshake runs after them, and under the
+                # socket timeout they set (else under acse_timeout)
+                tls_handlers = [*handlers, (evt.EVT_CONN_OPEN, self._on_tls_connection)]
+                self._tls_server = cast(ThreadedAssociationServer, ae.start_server(
+                    (s.host, s.tls_port), block=False, evt_handlers=tls_handlers,
+                    ssl_context=server_context(s)))
+        except OSError:
+            ae.shutdown()
+            self._server = self._tls_server = None
+            raise
         self._ae = ae
-        self._server = cast(ThreadedAssociationServer, server)
-        logger.info("listening as %s on %s:%d", self.settings.ae_title, self.settings.host,
-                    self.port)
+        ports = ([f"{s.host}:{self.port}"] if self._server is not None else []) + (
+            [f"{s.host}:{self.tls_port} (DICOM TLS)"] if self._tls_server is not None else [])
+        logger.info("listening as %s on %s", s.ae_title, " and ".join(ports))
+
+    def _on_tls_connection(self, event: Event) -> None:
+        """``EVT_CONN_OPEN`` on the TLS listener: complete the TLS handshake in this connection's
+        thread (:func:`node.dicom.tls.complete_handshake`); on failure record why and close."""
+        assoc = event.assoc
+        sock = assoc.dul.socket
+        problem = complete_handshake(sock.socket if sock is not None else None,
+                                     self.settings.acse_timeout)
+        if problem is None:
+            return
+        self.catalog.record_refusal(
+            None, "association-refused",
+            f"TLS connection from {assoc.requestor.address} to port {self.tls_port}: {problem}")
+        if sock is not None:
+            sock.close()  # the association then ends before any request is read
 
     @property
     def active_associations(self) -> int:
-        return len(self._server.active_associations) if self._server is not None else 0
+        """Associations open on both listeners."""
+        return sum(len(server.active_associations) for server in (self._server, self._tls_server)
+                   if server is not None)
 
     @property
     def port(self) -> int:
-        assert self._server is not None
+        """The plain listener's port (the one bound when ``[dicom] port`` is 0)."""
+        if self._server is None:
+            raise RuntimeError("no plain DICOM listener is running ([dicom] plain = false, or "
+                               "not started)")
         return int(self._server.server_address[1])
 
+    @property
+    def tls_port(self) -> int | None:
+        """The DICOM TLS listener's port; ``None`` when there is none."""
+        return int(self._tls_server.server_address[1]) if self._tls_server is not None else None
+
     def stop(self) -> None:
+        """Stop both listeners and their associations."""
         if self._ae is not None:
             self._ae.shutdown()
             self._ae = None
             self._server = None
+            self._tls_server = None
 
 
 

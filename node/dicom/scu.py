@@ -23,6 +23,7 @@ peer gave it, and it opens a new association for the files that remain.
 from __future__ import annotations
 
 import logging
+import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -35,7 +36,8 @@ from pynetdicom.association import Association
 from pynetdicom.events import Event, EventHandlerType
 
 from node.dicom.sockets import no_delay, quick_ack
-from node.errors import DeliveryError
+from node.dicom.tls import client_context
+from node.errors import ConfigError, DeliveryError
 from node.settings import DicomSettings, Peer
 
 __all__ = ["REASSOCIATIONS", "StoredFile", "read_stored_file", "send_files"]
@@ -157,9 +159,17 @@ def send_files(paths: list[Path], peer: Peer, dicom: DicomSettings,
     handlers: list[EventHandlerType] = [(evt.EVT_CONN_OPEN, no_delay), (evt.EVT_PDU_SENT, quick_ack),
                 (evt.EVT_DIMSE_RECV, _record_responses(seen))]
 
+    tls_args: tuple[ssl.SSLContext, str] | None = None
+    if peer.tls:  # DICOM TLS: the peer's certificate checked against tls_ca_file and its host
+        try:
+            tls_args = (client_context(dicom), peer.host)
+        except ConfigError as exc:
+            raise DeliveryError(f"peer {peer.name} has tls = true, but {exc}") from exc
+
     def associate() -> Association:
         seen.clear()
-        return ae.associate(peer.host, peer.port, ae_title=peer.ae_title, evt_handlers=handlers)
+        return ae.associate(peer.host, peer.port, ae_title=peer.ae_title, evt_handlers=handlers,
+                            tls_args=tls_args)
 
     assoc = associate()
     if not assoc.is_established:
@@ -169,6 +179,9 @@ def send_files(paths: list[Path], peer: Peer, dicom: DicomSettings,
         raise DeliveryError(
             f"peer {peer.name} ({peer.ae_title}@{peer.host}:{peer.port}) {why}; check that it "
             f"runs and knows this node's AE title {dicom.ae_title}"
+            + (" and, for DICOM TLS, that its certificate is signed by a CA in [dicom] tls_ca_file "
+               f"and names {peer.host}, and that it trusts the node's certificate"
+               if peer.tls else "")
         )
     accepted = {(str(cx.abstract_syntax), str(cx.transfer_syntax[0]))
                 for cx in assoc.accepted_contexts if cx.transfer_syntax}
