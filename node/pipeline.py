@@ -95,7 +95,8 @@ class Analysis:
 
 def selection_rules(s: SelectionSettings) -> SelectionRules:
     return SelectionRules(min_slices=s.min_slices, max_slice_thickness_mm=s.max_slice_thickness_mm,
-                          kernel_preference=s.kernel_preference, sharp_noise_hu=s.sharp_noise_hu)
+                          kernel_preference=s.kernel_preference, sharp_noise_hu=s.sharp_noise_hu,
+                          max_matrix=s.max_matrix, max_voxels=s.max_voxels)
 
 
 def analyse(selected: SelectedSeries, settings: AnalysisSettings,

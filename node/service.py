@@ -145,7 +145,8 @@ class Node:
         self.owner = lease_owner()
         self.ctx = NodeContext(settings, self.sessions, self.owner, predictor, on_results=self.deliver_soon)
         self.store = InstanceStore(settings.storage.root, min_free_mb=settings.storage.min_free_mb,
-                                   fsync=settings.storage.fsync)
+                                   fsync=settings.storage.fsync, overwrite=settings.storage.overwrite,
+                                   max_inflated_mb=settings.storage.max_inflated_mb)
         self.catalog = Catalog(self.sessions)
         self.scp = (StoreSCP(settings.dicom, settings.peers, self.store, self.catalog,
                              labels=LabelRecorder.from_settings(self.sessions, settings))

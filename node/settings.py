@@ -74,6 +74,10 @@ class DicomSettings(_Section):
     network_timeout: float = 60.0
     max_pdu: int = Field(131072, ge=0)
     """Maximum PDU size the node receives (0 means unlimited)."""
+    request_timeout: float = Field(10.0, gt=0)
+    """Seconds a new connection has to complete its A-ASSOCIATE-RQ; a connection that sends nothing
+    or too little in that time is closed.  Only associations past their request count against
+    ``max_associations``, so stalled connections do not keep known peers out."""
 
     tls_port: int | None = Field(None, ge=1, le=65535)
     """Port of the DICOM TLS listener (PS3.15 Annex B secure transport, :mod:`node.dicom.tls`);
@@ -123,6 +127,14 @@ class StorageSettings(_Section):
     """Flush every received file, its folder (the new name) and the commit of its row to
     the device before acknowledging it (``False``: written and committed, not flushed: survives a
     crash of the node, not a power loss)."""
+    overwrite: Literal["keep-first", "replace"] = "keep-first"
+    """A C-STORE of a SOP Instance UID already stored, with other content: ``keep-first`` answers
+    success and keeps the first file (Orthanc's default); ``replace`` stores the new file and
+    updates its row.  Either way an audit row ``instance-resend-differs`` records it; an identical
+    resend is acknowledged and not recorded."""
+    max_inflated_mb: int = Field(256, ge=1)
+    """A Deflated Explicit VR Little Endian data set larger than this once inflated is refused
+    (0xA700), so a small deflated "bomb" cannot take the node's memory."""
 
 
 class DatabaseSettings(_Section):
@@ -159,6 +171,12 @@ class SelectionSettings(_Section):
     sharp_noise_hu: float = Field(30.0, gt=0)
     """Where the kernel is unknown, noise (most common local HU SD in soft tissue of a
     middle slice) above this marks a sharp kernel."""
+    max_matrix: int = Field(2048, ge=1)
+    """Series with more than this many rows or columns per slice are not analysed (not eligible,
+    with the reason), rather than failing on memory."""
+    max_voxels: int = Field(1 << 29, ge=1)
+    """Series with more voxels (slices x frames x rows x columns) than this are not analysed
+    (default 536870912: 2048 slices of 512 x 512, 1 GiB of HU as int16)."""
 
 
 class AnalysisSettings(_Section):

@@ -63,7 +63,8 @@ def listener(db_url: str, make_settings: Callable[..., Settings]) -> Iterator[Ca
         s = make_settings(db_url, port=port, peers=peers, **sections)
         upgrade(s.database.url)
         sessions = make_session_factory(make_engine(s.database.url))
-        store = InstanceStore(s.storage.root, min_free_mb=s.storage.min_free_mb, fsync=False)
+        store = InstanceStore(s.storage.root, min_free_mb=s.storage.min_free_mb, fsync=False,
+                              overwrite=s.storage.overwrite, max_inflated_mb=s.storage.max_inflated_mb)
         scp = StoreSCP(s.dicom, s.peers, store, Catalog(sessions))
         scp.start()
         lst = Listener(s, scp, sessions, port)

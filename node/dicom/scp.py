@@ -5,6 +5,14 @@ validate the UIDs, write ``event.encoded_dataset()`` (file meta and data set) to
 atomically, insert the instance row, answer.  No pixel data is decoded here; analysis
 happens in the worker.
 
+Hostile input is met before anything is written: a connection has ``request_timeout``
+seconds for its association request and only admitted associations count against
+``max_associations`` (:mod:`node.dicom.admission`); each data set is inflated with a
+bound, walked for repeated or out-of-order tags and elements longer than the data set,
+and its uncompressed pixel data checked against the image it describes
+(:mod:`node.dicom.received`).  A SOP Instance UID received again with other content
+follows ``[storage] overwrite`` and is audited (``instance-resend-differs``).
+
 Structured reports (Comprehensive, Enhanced, Comprehensive 3D SR) are accepted
 from known peers only, as a radiologist's severity label
 (:mod:`node.learn.sr_labels`): the file goes to ``<storage root>/labels/`` and the
@@ -51,8 +59,10 @@ from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy.exc import SQLAlchemyError
 
 from model.volume import MARKER_ENDED_SYNTAXES, has_end_marker
-from node.dicom.catalog import Catalog, InstanceRecord
+from node.dicom.admission import NO_PYNETDICOM_LIMIT, Admission
+from node.dicom.catalog import Catalog, InstanceRecord, KnownInstance
 from node.dicom.receipts import ReceiptLog
+from node.dicom.received import Received, ReceivedError, native_pixel_problem, read_received
 from node.dicom.sockets import no_delay
 from node.dicom.storage import InstanceStore, atomic_write, validate_uid
 from node.dicom.tls import complete_handshake, server_context
@@ -122,6 +132,14 @@ def codestream_cut_short(pixel_data: bytes, transfer_syntax: UID) -> bool:
     return last is None or not has_end_marker(last)
 
 
+def _shown_uid(value: object) -> str:
+    """A UID from a request for a log or audit line: as is when it looks like one, else escaped."""
+    text = str(value or "").strip().rstrip("\x00")
+    if text and len(text) <= 64 and all(c.isdigit() or c == "." for c in text):
+        return text
+    return repr(text[:64]) if text else "(not given)"
+
+
 def _status(code: int, comment: str) -> Dataset:
     ds = Dataset()
     ds.Status = code
@@ -145,9 +163,8 @@ class _Identifiers:
     pixel_data: bytes | None
 
 
-def _identifiers(event: Event) -> _Identifiers:
+def _identifiers(ds: Dataset) -> _Identifiers:
     """The UIDs, modality and pixel data (still encoded) of the received data set."""
-    ds = event.dataset
     pixels = None
     if "PixelData" in ds:
         pixels = ds["PixelData"].value
@@ -188,34 +205,46 @@ class StoreSCP:
         self._ae: AE | None = None
         self._server: ThreadedAssociationServer | None = None
         self._tls_server: ThreadedAssociationServer | None = None  # [dicom] tls_port
+        self._admission = Admission(  # request deadline; max_associations counts admitted ones
+            settings, lambda action, detail: self.catalog.record_refusal(None, action, detail))
 
     # -- association control -------------------------------------------------
-    def _on_requested(self, event: Event) -> None:
-        """Record a refused association; reject one from a known title on the wrong host.
+    def _on_connection(self, event: Event) -> None:
+        """``EVT_CONN_OPEN``: the connection has ``request_timeout`` seconds for its request
+        (:class:`node.dicom.admission.Admission`)."""
+        self._admission.on_connection(event)
 
-        An unknown calling AE title is rejected by pynetdicom itself (``require_calling_aet``)
+    def _on_requested(self, event: Event) -> None:
+        """Admit or reject an association request.
+
+        Records a refused association; rejects one from a known title on the wrong host, and
+        one beyond ``max_associations`` admitted associations ("local limit exceeded").  An
+        unknown calling AE title is rejected by pynetdicom itself (``require_calling_aet``)
         right after this handler; it is recorded here.
         """
-        if not self.settings.require_known_peers:
-            return
         assoc = event.assoc
+        self._admission.requested(assoc)
         primitive = assoc.requestor.primitive
         calling = str(primitive.calling_ae_title).strip() if primitive is not None else ""
         address = assoc.requestor.address
-        matches = [p for p in self.peers if p.ae_title == calling]
-        if not matches:
-            self.catalog.record_refusal(
-                None, "association-refused",
-                f"calling AE title {calling!r} from {address} is not a configured peer; "
-                "add it to [[peers]] to accept it")
-            return
-        if self.settings.check_peer_host and not any(_same_host(p.host, address) for p in matches):
-            self.catalog.record_refusal(
-                None, "association-refused",
-                f"calling AE title {calling!r} connected from {address}, not its configured host; "
-                "add it to [[peers]] to accept it")
-            assoc.acse.send_reject(0x01, 0x01, 0x03)
-            assoc.kill()  # pynetdicom then skips its own negotiation (the request was rejected)
+        if self.settings.require_known_peers:
+            matches = [p for p in self.peers if p.ae_title == calling]
+            if not matches:
+                self.catalog.record_refusal(
+                    None, "association-refused",
+                    f"calling AE title {calling!r} from {address} is not a configured peer; "
+                    "add it to [[peers]] to accept it")
+                return
+            if self.settings.check_peer_host and not any(_same_host(p.host, address)
+                                                         for p in matches):
+                self.catalog.record_refusal(
+                    None, "association-refused",
+                    f"calling AE title {calling!r} connected from {address}, not its configured "
+                    "host; add it to [[peers]] to accept it")
+                assoc.acse.send_reject(0x01, 0x01, 0x03)
+                assoc.kill()  # pynetdicom then skips its own negotiation (the request was rejected)
+                return
+        self._admission.admit(assoc, calling, address)
 
     # -- C-STORE -----------------------------------------------------------
     def _on_store(self, event: Event) -> int | Dataset:
@@ -235,14 +264,22 @@ class StoreSCP:
             msg = (f"out of disk space: {free_mb} MB free, "
                    f"{self.store.min_free_bytes // (1024 * 1024)} MB required")
             return self._refuse(None, STATUS_OUT_OF_RESOURCES, msg, msg)
+        announced = _shown_uid(getattr(event.request, "AffectedSOPInstanceUID", None))
         try:
-            ids = _identifiers(event)
+            received = read_received(event, self.store.max_inflated_bytes)
+            ids = _identifiers(received.dataset)
         except RecursionError:
             msg = "the data set nests sequences too deeply to be read; nothing was stored"
-            return self._refuse(None, STATUS_CANNOT_UNDERSTAND, f"from {calling}: {msg}", msg)
+            return self._refuse(None, STATUS_CANNOT_UNDERSTAND,
+                                f"SOP {announced} from {calling}: {msg}", msg)
+        except ReceivedError as exc:
+            code = STATUS_OUT_OF_RESOURCES if exc.too_large else STATUS_CANNOT_UNDERSTAND
+            msg = f"{exc}; nothing was stored"
+            return self._refuse(None, code, f"SOP {announced} from {calling}: {msg}", msg)
         except (ValueError, TypeError, EOFError, KeyError, OSError) as exc:
             msg = f"the data set cannot be decoded ({type(exc).__name__}); nothing was stored"
-            return self._refuse(None, STATUS_CANNOT_UNDERSTAND, f"from {calling}: {msg}", msg)
+            return self._refuse(None, STATUS_CANNOT_UNDERSTAND,
+                                f"SOP {announced} from {calling}: {msg}", msg)
         try:
             study_uid = validate_uid(ids.study, "Study Instance UID")
             series_uid = validate_uid(ids.series, "Series Instance UID")
@@ -262,55 +299,96 @@ class StoreSCP:
                        f"the presentation context {context_class}")
             return self._refuse(study_uid, STATUS_DATASET_MISMATCH, problem, problem)
         if ids.sop_class in LABEL_SR_SOP_CLASSES:
-            return self._receive_label(event, calling, sop_uid)
+            return self._receive_label(received, calling, sop_uid)
         if ids.pixel_data is None:
             problem = f"SOP {sop_uid} has no pixel data; a CT image needs it"
             return self._refuse(study_uid, STATUS_DATASET_MISMATCH, problem, problem)
+        if not transfer_syntax.is_compressed:
+            mismatch = native_pixel_problem(received.dataset, received.pixel_data_length)
+            if mismatch is not None:
+                problem = f"SOP {sop_uid}: {mismatch}; nothing was stored"
+                return self._refuse(study_uid, STATUS_DATASET_MISMATCH,
+                                    f"from {calling}: {problem}", problem)
         if codestream_cut_short(ids.pixel_data, transfer_syntax):
             problem = (f"SOP {sop_uid}: the compressed pixel data ({transfer_syntax.name}) ends "
                        "without its end marker: the image was cut short or is corrupt; nothing was "
                        "stored: send the instance again")
             return self._refuse(study_uid, STATUS_CANNOT_UNDERSTAND, f"from {calling}: {problem}",
                                 problem)
-        stored = self.store.write(study_uid, series_uid, sop_uid, (event.encoded_dataset(),))
+        record = InstanceRecord(
+            study_instance_uid=study_uid, series_instance_uid=series_uid,
+            sop_instance_uid=sop_uid, sop_class_uid=ids.sop_class,
+            transfer_syntax_uid=str(transfer_syntax), modality=ids.modality,
+            relative_path=self.store.relative_path(study_uid, series_uid, sop_uid),
+            size_bytes=received.size, calling_ae=calling,
+        )
         try:
-            fresh = self.catalog.record_instance(InstanceRecord(
-                study_instance_uid=study_uid, series_instance_uid=series_uid,
-                sop_instance_uid=sop_uid, sop_class_uid=ids.sop_class,
-                transfer_syntax_uid=str(transfer_syntax), modality=ids.modality,
-                relative_path=stored.relative_path, size_bytes=stored.size_bytes,
-                calling_ae=calling,
-            ))
+            with self.store.lock_for(sop_uid):
+                known = self.catalog.known_instance(sop_uid)
+                if known is not None:
+                    return self._received_again(known, record, received)
+                self.store.write(study_uid, series_uid, sop_uid, received.parts)
+                if not self.catalog.record_instance(record):
+                    logger.info("SOP %s was recorded meanwhile by another process", sop_uid)
         except SQLAlchemyError as exc:
             # not recorded, so not acknowledged; the file stays (an earlier copy of the same
             # instance may be recorded under this name) and a repeat C-STORE replaces it
             logger.error("SOP %s of study %s not recorded, answered 0xA700: database unavailable (%s)",
                          sop_uid, study_uid, type(exc).__name__)
             return _Refusal(STATUS_OUT_OF_RESOURCES, "database unavailable: not stored; send again")
-        if not fresh:
-            # a repeat: acknowledged, not counted again; the file was replaced by the
-            # same instance unless the repeat came under other study/series UIDs
-            known = self.catalog.instance_path(sop_uid)
-            if known is not None and known != stored.relative_path:
-                (self.store.root / stored.relative_path).unlink(missing_ok=True)
-            logger.info("SOP %s received again; already stored as %s", sop_uid, known)
         return None
 
-    def _receive_label(self, event: Event, calling: str, sop_uid: str) -> _Refusal | None:
+    def _received_again(self, known: KnownInstance, record: InstanceRecord,
+                        received: Received) -> _Refusal | None:
+        """A C-STORE of a SOP Instance UID already recorded (its receipt lock held).
+
+        An identical resend is acknowledged and changes nothing.  Other content is audited
+        (``instance-resend-differs``) and, by ``[storage] overwrite``, kept out (``keep-first``,
+        acknowledged as Orthanc does) or written over the stored file with its row updated
+        (``replace``); a resend naming another study or series never moves the instance.
+        """
+        sop = record.sop_instance_uid
+        if self.store.same_content(known.relative_path, received.parts):
+            logger.info("SOP %s received again, identical; already stored", sop)
+            return None
+        moved = (record.study_instance_uid, record.series_instance_uid) != (
+            known.study_instance_uid, known.series_instance_uid)
+        detail = (f"SOP {sop} from {record.calling_ae}: received again with other content "
+                  f"({record.size_bytes} bytes, {UID(record.transfer_syntax_uid).name}); stored: "
+                  f"{known.size_bytes} bytes, {UID(known.transfer_syntax_uid).name}")
+        if moved:
+            detail += (f"; the resend names study {record.study_instance_uid} series "
+                       f"{record.series_instance_uid}, the instance is filed under study "
+                       f"{known.study_instance_uid} series {known.series_instance_uid}")
+        if self.store.overwrite == "replace" and not moved:
+            self.store.write(record.study_instance_uid, record.series_instance_uid, sop,
+                             received.parts)
+            self.catalog.replace_instance(known, record, detail + "; replaced the stored file "
+                                          "([storage] overwrite = replace)")
+            return None
+        if self.store.overwrite == "replace":
+            self.catalog.record_event(known.study_id, "instance-refused",
+                                      detail + "; not moved to another study or series")
+            return _Refusal(STATUS_DATASET_MISMATCH, "SOP already stored in another study/series")
+        self.catalog.record_event(known.study_id, "instance-resend-differs",
+                                  detail + "; kept the first ([storage] overwrite = keep-first)")
+        return None
+
+    def _receive_label(self, received: Received, calling: str, sop_uid: str) -> _Refusal | None:
         """A radiologist's labelling SR: parse, keep the file, record the label (or refuse)."""
         if not any(p.ae_title == calling for p in self.peers):
             msg = f"SR {sop_uid} from {calling!r}: labels are accepted from configured peers only"
             self.catalog.record_refusal(None, "label-refused", f"{msg}; add it to [[peers]]")
             return _Refusal(STATUS_LABEL_NOT_RECORDED, "labels only from configured peers")
         try:
-            label = parse_label_sr(event.dataset)
+            label = parse_label_sr(received.dataset)
         except LabelError as exc:
             self.catalog.record_refusal(None, "label-refused", f"from {calling}: {exc}")
             return _Refusal(STATUS_CANNOT_UNDERSTAND, "SR carries no lungnode severity label")
         path = self.store.root / "labels" / f"{sop_uid}.dcm"
         path.parent.mkdir(parents=True, exist_ok=True)
         fresh = not path.exists()
-        atomic_write(path, (event.encoded_dataset(),), fsync=self.store.fsync)
+        atomic_write(path, received.parts, fsync=self.store.fsync)
         try:
             added = self.labels.record(label, calling)
         except LabelError as exc:
@@ -326,7 +404,10 @@ class StoreSCP:
     def make_ae(self) -> AE:
         s = self.settings
         ae = AE(ae_title=s.ae_title)
-        ae.maximum_associations = s.max_associations
+        # [dicom] max_associations is enforced on requests only (_on_requested), so that
+        # connections that never send one do not keep known peers out; pynetdicom's own limit
+        # would count those too
+        ae.maximum_associations = NO_PYNETDICOM_LIMIT
         ae.acse_timeout = s.acse_timeout
         ae.dimse_timeout = s.dimse_timeout
         ae.network_timeout = s.network_timeout
@@ -352,6 +433,7 @@ class StoreSCP:
         """
         handlers: list = [
             (evt.EVT_CONN_OPEN, no_delay),
+            (evt.EVT_CONN_OPEN, self._on_connection),
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_C_ECHO, lambda event: STATUS_SUCCESS),
