@@ -328,10 +328,12 @@ class Node:
             try:
                 self.scp.start()
             except OSError as exc:
+                ports = " or ".join(f"{s.dicom.host}:{p}" for p in (
+                    s.dicom.port if s.dicom.plain else None, s.dicom.tls_port) if p is not None)
                 raise ConfigError(
-                    f"the DICOM listener cannot listen on {s.dicom.host}:{s.dicom.port}: {exc}. Is "
+                    f"the DICOM listener cannot listen on {ports}: {exc}. Is "
                     "another program (another lungnode, a PACS) using the port? Stop it, or change "
-                    "[dicom] port in the configuration.") from exc
+                    "[dicom] port (or tls_port) in the configuration.") from exc
         if self._schedule:
             sched = BackgroundScheduler(timezone="UTC")
             sched.add_job(self.completion_tick, "interval", seconds=s.completion.poll_seconds,

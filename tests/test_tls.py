@@ -23,13 +23,18 @@ from sqlalchemy import select
 from typer.testing import CliRunner
 
 from node.cli import app
-from node.db import Instance
+from node.db import Instance, make_engine, make_session_factory
+from node.dicom.catalog import Catalog
+from node.dicom.scp import StoreSCP as NodeSCP
 from node.dicom.scu import send_files
+from node.dicom.storage import InstanceStore
 from node.dicom.tls import MINIMUM_VERSION, client_context, server_context
 from node.errors import ConfigError, DeliveryError
-from node.settings import Settings
+from node.migrate import upgrade
+from node.settings import Peer, Settings
 from tests.conftest import B40F
 from tests.dcmtk import StoreSCP, echoscu, free_port, storescu
+from tests.peers import Orthanc
 from tests.test_ingest import Listener, _files_under, listener  # noqa: F401 - the fixture
 
 
@@ -162,6 +167,23 @@ def test_tls_only_listener_is_not_held_by_a_silent_connection(
                        timeout=30).returncode == 0
 
 
+def test_a_tls_port_in_use_leaves_no_plain_listener_behind(
+        make_settings: Callable[..., Settings], tmp_path: Path, pki: Pki) -> None:
+    port = free_port()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        s = make_settings(f"sqlite:///{tmp_path / 'n.db'}", port=port,
+                          dicom=_tls_section(pki, taken.getsockname()[1]))
+        upgrade(s.database.url)
+        scp = NodeSCP(s.dicom, s.peers, InstanceStore(s.storage.root, min_free_mb=1, fsync=False),
+                      Catalog(make_session_factory(make_engine(s.database.url))))
+        with pytest.raises(OSError):
+            scp.start()
+    with socket.socket() as again:
+        again.bind(("127.0.0.1", port))  # the plain listener started first was stopped again
+
+
 def _node_settings(make_settings: Callable[..., Settings], tmp_path: Path, pki: Pki,
                    peer_port: int) -> Settings:
     return make_settings(f"sqlite:///{tmp_path / 'node.db'}", port=free_port(),
@@ -195,6 +217,31 @@ def test_node_refuses_a_tls_peer_it_does_not_trust(
         assert scp.files() == []
         res = CliRunner().invoke(app, ["--config", str(s.config_path), "echo", "pacs"])
         assert res.exit_code == 1 and "over DICOM TLS" in res.output
+
+
+def test_orthanc_with_dicom_tls_sends_to_the_node_and_takes_its_deliveries(
+        node: Callable[..., Listener], pki: Pki, tmp_path: Path) -> None:
+    """The README's Orthanc settings: Orthanc (TLS only on its DICOM port) stores to the node's
+    TLS port with ``UseDicomTls``, and the node delivers to Orthanc over TLS."""
+    tls_port = free_port()
+    lst = node(dicom=_tls_section(pki, tls_port))
+    orthanc_tls = {
+        "DicomTlsEnabled": True, "DicomTlsCertificate": str(pki.modality_crt),
+        "DicomTlsPrivateKey": str(pki.modality_key),
+        "DicomTlsTrustedCertificates": str(pki.ca_crt), "DicomTlsRemoteCertificateRequired": True,
+        "DicomModalities": {"lungnode": {"AET": "LUNGNODE", "Host": "127.0.0.1", "Port": tls_port,
+                                         "UseDicomTls": True}},
+    }
+    files = sorted(B40F.iterdir())
+    with Orthanc(tmp_path / "orthanc", aet="PACS", extra=orthanc_tls) as orthanc:
+        orthanc.store_to_modality("lungnode", [orthanc.upload(f)["ID"] for f in files[:2]])
+        assert lst.count() == 2
+        peer = Peer(name="orthanc", ae_title="PACS", host="127.0.0.1", port=orthanc.dicom_port,
+                    tls=True)
+        results = send_files(files[2:4], peer, lst.settings.dicom)
+        assert [status for _, status, _ in results] == [0, 0]
+        assert orthanc.count_instances() == 4
+    assert _refusals(lst) == []
 
 
 # -- configuration -------------------------------------------------------------------------

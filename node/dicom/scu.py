@@ -8,6 +8,8 @@ SOP class and stored transfer syntax, and sends each file with pynetdicom's
 chunks as encoded, never decoded or re-encoded.  The socket sends without Nagle's
 algorithm and acknowledges at once (``EVT_CONN_OPEN`` and ``EVT_PDU_SENT``
 handlers), so neither end waits for a delayed acknowledgement.
+To a peer with ``tls = true`` the association goes over DICOM TLS
+(:func:`node.dicom.tls.client_context`, pynetdicom's ``tls_args``).
 
 pynetdicom 3.0.4 (and its main branch) has a race between the association's
 reactor thread and ``send_c_store``: when the reactor thread is descheduled
