@@ -257,6 +257,23 @@ def test_a_repeated_study_uid_is_refused(listener: Callable[..., Listener], wher
     assert expected in (lst.audit("instance-refused")[0].detail or "")
 
 
+@SQLITE
+def test_an_unknown_value_representation_gets_a_status_and_a_reason(
+        listener: Callable[..., Listener]) -> None:  # noqa: F811
+    """SOP Instance UID with the VR "Uc" (pydicom raises NotImplementedError when it reads it;
+    found by tests/test_fuzz.py): refused with 0xC000 and recorded, not 0xC211."""
+    lst = listener()
+    ds = pydicom.dcmread(FILES[0])
+    body = _body(ds)
+    at = body.index(b"\x08\x00\x18\x00UI")
+    body = body[:at + 4] + b"Uc" + body[at + 6:]
+    assert c_store_raw(lst.port, CTImageStorage, ExplicitVRLittleEndian, ds.SOPInstanceUID,
+                       body) == 0xC000
+    detail = lst.audit("instance-refused")[0].detail or ""
+    assert "cannot be decoded (NotImplementedError)" in detail and "'Uc'" in detail
+    assert lst.count() == 0
+
+
 def _deflate(chunks: list[bytes], repeat_last: int = 1) -> bytes:
     comp = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
     out = [comp.compress(c) for c in chunks[:-1]]

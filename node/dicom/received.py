@@ -174,11 +174,11 @@ def native_pixel_problem(ds: Dataset, declared_length: int | None) -> str | None
     if declared_length == _UNDEFINED:
         return ("its pixel data is encapsulated (undefined length) in an uncompressed transfer "
                 "syntax")
-    missing = [k for k in ("Rows", "Columns", "BitsAllocated", "SamplesPerPixel")
-               if ds.get(k) in (None, "")]
-    if missing:
-        return f"it has pixel data but no {', '.join(missing)}"
     try:
+        missing = [k for k in ("Rows", "Columns", "BitsAllocated", "SamplesPerPixel")
+                   if ds.get(k) in (None, "")]
+        if missing:
+            return f"it has pixel data but no {', '.join(missing)}"
         rows, columns = int(ds.Rows), int(ds.Columns)
         frames = int(ds.get("NumberOfFrames", 1) or 1)
         allocated, samples = int(ds.BitsAllocated), int(ds.SamplesPerPixel)
@@ -187,7 +187,7 @@ def native_pixel_problem(ds: Dataset, declared_length: int | None) -> str | None
                     f"Number of Frames {frames}, Samples per Pixel {samples}, "
                     f"Bits Allocated {allocated})")
         expected = int(get_expected_length(ds, "bytes"))
-    except (TypeError, ValueError, AttributeError, KeyError) as exc:
+    except (TypeError, ValueError, AttributeError, KeyError, NotImplementedError) as exc:
         return f"its image attributes cannot be read ({type(exc).__name__}: {exc})"
     if declared_length in (expected, expected + (expected % 2)):
         return None

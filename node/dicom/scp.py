@@ -140,6 +140,11 @@ def _shown_uid(value: object) -> str:
     return repr(text[:64]) if text else "(not given)"
 
 
+def _short_text(exc: BaseException) -> str:
+    """An exception's message on one line, at most 200 characters (for an audit row)."""
+    return " ".join(str(exc).split())[:200]
+
+
 def _status(code: int, comment: str) -> Dataset:
     ds = Dataset()
     ds.Status = code
@@ -276,10 +281,11 @@ class StoreSCP:
             code = STATUS_OUT_OF_RESOURCES if exc.too_large else STATUS_CANNOT_UNDERSTAND
             msg = f"{exc}; nothing was stored"
             return self._refuse(None, code, f"SOP {announced} from {calling}: {msg}", msg)
-        except (ValueError, TypeError, EOFError, KeyError, OSError) as exc:
+        except (ValueError, TypeError, EOFError, KeyError, OSError, NotImplementedError) as exc:
+            # (pydicom raises NotImplementedError for a value representation it does not know)
             msg = f"the data set cannot be decoded ({type(exc).__name__}); nothing was stored"
             return self._refuse(None, STATUS_CANNOT_UNDERSTAND,
-                                f"SOP {announced} from {calling}: {msg}", msg)
+                                f"SOP {announced} from {calling}: {msg}: {_short_text(exc)}", msg)
         try:
             study_uid = validate_uid(ids.study, "Study Instance UID")
             series_uid = validate_uid(ids.series, "Series Instance UID")
