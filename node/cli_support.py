@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from node.db import make_engine, make_session_factory
 from node.errors import ConfigError
 from node.migrate import upgrade
+from node.redaction import redact_library_values
 from node.settings import Settings, load_settings
 
 __all__ = ["ConfigOpt", "State", "console", "err_console", "error", "sessions", "settings", "state",
@@ -69,6 +70,7 @@ def settings() -> Settings:
         logging.getLogger("alembic").setLevel(logging.WARNING)
         logging.getLogger("apscheduler").setLevel(logging.WARNING)
         logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+        redact_library_values()  # pydicom quotes invalid values (a malformed birth date) in its log
     return state.settings
 
 

@@ -10,6 +10,7 @@ pass ``dciodvfy`` with no more errors than its source.
 from __future__ import annotations
 
 import datetime
+import io
 import logging
 import subprocess
 from collections.abc import Callable
@@ -21,11 +22,19 @@ from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import JPEGLSLossless
+from sqlalchemy import select
+from typer.testing import CliRunner
 
-from node.errors import AnonymizationError
+from node.cli import app
+from node.db import AuditEntry, Study, StudyState, make_engine, make_session_factory
+from node.errors import AnonymizationError, BurnedInAnnotationError
+from node.migrate import upgrade
+from node.pipeline import NodeContext, archive_pending, archive_series
 from node.records import ArchivedSeries, SelectedSeries
-from node.stages.anonymize import PROFILE_ACTIONS, anonymize
+from node.settings import Settings
+from node.stages.anonymize import BURNS_IN_TEXT, PROFILE_ACTIONS, anonymize, safe_harbor_age
 from tests.conftest import B40F, B70F
+from tests.peers import Orthanc
 
 SALT = "test-salt-0123456789abcdef"
 
@@ -357,3 +366,138 @@ def test_profile_table_names_real_attributes() -> None:
     assert PROFILE_ACTIONS["PatientBirthDate"] == "Z" and PROFILE_ACTIONS["ReferencedStudySequence"] == "X"
     assert "PatientName" not in PROFILE_ACTIONS  # names are replaced by dicognito, not removed
 
+
+
+# --------------------------------------------------------------------------- ages, burned-in text
+
+
+@pytest.mark.parametrize(("age", "archived"), [
+    ("091Y", "090Y"), ("1200M", "090Y"), ("5000W", "090Y"), ("40000D", "090Y"), ("090Y", "090Y"),
+    ("089Y", "089Y"), ("1079M", "1079M"), ("4690W", "4690W"), ("32870D", "32870D"), ("053Y", "053Y"),
+    ("012D", "012D"), ("abc", None), ("90", None), ("", None),
+])
+def test_safe_harbor_age(age: str, archived: str | None) -> None:
+    assert safe_harbor_age(age) == archived
+
+
+@pytest.mark.filterwarnings("ignore:The value length", "ignore:Invalid value for VR AS")  # 5000W, 40000D
+def test_ages_over_89_become_090y_in_the_archive(tmp_path: Path) -> None:
+    ages = iter(["091Y", "1200M", "5000W", "40000D", "089Y"])
+
+    def aged(ds: Dataset) -> None:
+        ds.PatientAge = next(ages)
+
+    src = copy_series(B40F, tmp_path / "src", aged, count=5)
+    archived = anonymize(selected_of(src), tmp_path / "archive", {}, salt=SALT)
+    assert [pydicom.dcmread(p, stop_before_pixels=True).PatientAge for p in archived.paths] == \
+        ["090Y", "090Y", "090Y", "090Y", "089Y"]
+
+
+@pytest.mark.parametrize(("modality", "burned_in", "refused"), [
+    ("CT", None, False), ("CT", "UNKNOWN", False), ("CT", "YES", True), ("CT", "NO", False),
+    ("US", None, True), ("DX", "", True), ("XA", "UNKNOWN", True), ("CR", None, True),
+    ("OT", None, True), ("SC", "NO", False), ("US", "NO", False), ("MR", None, False),
+])
+def test_burned_in_text_keeps_a_series_out_of_the_archive(tmp_path: Path, modality: str,
+                                                           burned_in: str | None, refused: bool) -> None:
+    def edit(ds: Dataset) -> None:
+        ds.Modality = modality
+        if burned_in is None:
+            ds.pop("BurnedInAnnotation", None)
+        else:
+            ds.BurnedInAnnotation = burned_in
+
+    src = copy_series(B40F, tmp_path / "src", edit, count=1)
+    if not refused:
+        assert anonymize(selected_of(src), tmp_path / "archive", {}, salt=SALT).paths
+        return
+    with pytest.raises(BurnedInAnnotationError, match="not archived for training") as err:
+        anonymize(selected_of(src), tmp_path / "archive", {}, salt=SALT)
+    assert (modality in BURNS_IN_TEXT) or burned_in == "YES"
+    assert ("Burned In Annotation YES" in str(err.value)) == (burned_in == "YES")
+    assert not (tmp_path / "archive").exists()
+
+
+def test_a_secondary_capture_without_the_attribute_is_refused(tmp_path: Path) -> None:
+    def edit(ds: Dataset) -> None:
+        ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
+        ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+        ds.pop("BurnedInAnnotation", None)
+
+    src = copy_series(B40F, tmp_path / "src", edit, count=1)
+    with pytest.raises(BurnedInAnnotationError, match="a Secondary Capture"):
+        anonymize(selected_of(src), tmp_path / "archive", {}, salt=SALT)
+
+
+def test_a_refused_series_is_noted_on_the_study_audited_and_shown(
+        tmp_path: Path, make_settings: Callable[..., Settings]) -> None:
+    """The archive step of the pipeline: the study keeps its results, gets an archive note, an
+    ``archive-refused`` audit row, ``lungnode show`` prints the note, and the catch-up after a
+    stop does not try again."""
+    settings = make_settings(f"sqlite:///{tmp_path / 'lungnode.db'}")
+    upgrade(settings.database.url)
+    sessions = make_session_factory(make_engine(settings.database.url))
+    src = copy_series(B40F, tmp_path / "src", lambda ds: setattr(ds, "BurnedInAnnotation", "YES"), count=2)
+    selected = selected_of(src)
+    with sessions() as s:
+        study = Study(study_instance_uid=selected.study_instance_uid, state=StudyState.COMPLETE,
+                      selected_series_uid=selected.series_instance_uid)
+        s.add(study)
+        s.commit()
+        study_id = study.id
+    ctx = NodeContext(settings, sessions, "test-owner")
+    assert archive_series(ctx, study_id, "study 1", selected, {}) is False
+    assert archive_pending(ctx) == 0
+    with sessions() as s:
+        note = s.get_one(Study, study_id).archive_note or ""
+        rows = list(s.scalars(select(AuditEntry).where(AuditEntry.study_id == study_id)))
+    assert note.startswith("not archived for training: SOP ") and "Burned In Annotation YES" in note
+    assert [r.action for r in rows] == ["archive-refused"]
+    res = CliRunner().invoke(app, ["--config", str(tmp_path / "lungnode.toml"), "show", str(study_id)])
+    assert res.exit_code == 0 and "archive: not archived for training" in res.output
+
+
+# --------------------------------------------------------------------------- Orthanc's anonymiser
+
+ORTHANC_COMPARED_OPTIONS = {
+    "113107": "Retain Longitudinal Temporal Information Modified Dates: dates shifted, times kept",
+    "113108": "Retain Patient Characteristics: age, sex, size, weight kept",
+}
+
+
+def test_the_archive_keeps_nothing_orthanc_removes(identified: Path, tmp_path: Path) -> None:
+    """Every attribute Orthanc's anonymiser (``/instances/{id}/anonymize``, its PS3.15 table)
+    removes or empties is absent or empty in the archive copy, except where the copy applies a
+    profile option it declares (dates shifted, patient characteristics kept) or replaced the
+    source's value with a pseudonym."""
+    path = _files(identified)[0]
+    source = pydicom.dcmread(path)
+    ours = pydicom.dcmread(anonymize(selected_of(identified), tmp_path / "archive", {}, salt=SALT).paths[0])
+    options = {str(item.CodeValue) for item in ours.DeidentificationMethodCodeSequence}
+    assert set(ORTHANC_COMPARED_OPTIONS) <= options
+    with Orthanc(tmp_path / "orthanc") as orthanc:
+        instance = orthanc.upload(path)["ID"]
+        theirs = pydicom.dcmread(io.BytesIO(orthanc.request("POST", f"/instances/{instance}/anonymize",
+                                                            {}, raw=True)))
+    compared = kept = 0
+    for elem in source:
+        if elem.tag.group == 0x0002 or (elem.tag in theirs and not _empty(theirs[elem.tag])):
+            continue
+        compared += 1
+        if elem.tag not in ours or _empty(ours[elem.tag]):
+            continue
+        kept += 1
+        value = ours[elem.tag].value
+        if elem.VR == "DA":
+            assert value != elem.value, elem.keyword  # shifted (113107)
+        elif elem.VR in ("TM", "DT"):
+            pass  # times of day kept (113107); date-times shifted with their dates
+        elif elem.keyword in ("PatientAge", "PatientSex", "PatientSize", "PatientWeight"):
+            pass  # 113108
+        else:
+            assert elem.VR in ("PN", "SH", "LO") and str(value) != str(elem.value), elem.keyword
+    assert compared > 40 and kept < compared / 2  # Orthanc removed plenty, and nearly all is gone
+
+
+def _empty(elem: pydicom.DataElement) -> bool:
+    return elem.value in (None, "", b"") or (elem.VR == "SQ" and len(elem.value) == 0)

@@ -24,16 +24,25 @@ changed):
   components may be left out), but highdicom no longer warns that it "is
   unlikely to represent the intended person name", a warning that quotes the
   patient's name into the log.  :func:`node.stages.reports.build_reports`
-  puts the source's exact value back into the finished objects.
+  puts the source's exact value back into the finished objects;
+- Patient's Birth Date, Study Date, Study Time and Patient's Sex that are not
+  valid DA, TM or M/F/O values (``1961-03-14``, ``Male``) are left empty in the
+  copies: highdicom would refuse them with an error that quotes the value (a
+  failed analysis with the birth date in its reason and the log), and a result
+  object should not carry an invalid value.  The values are checked from their
+  raw bytes, so pydicom's own validation (which warns with the value) never
+  sees them.
 """
 
 from __future__ import annotations
 
 import copy
 import logging
+import re
 from collections.abc import Sequence
+from datetime import datetime
 
-from pydicom.datadict import dictionary_has_tag, dictionary_VR, keyword_for_tag
+from pydicom.datadict import dictionary_has_tag, dictionary_VR, keyword_for_tag, tag_for_keyword
 from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence as DicomSequence
@@ -61,6 +70,33 @@ _CODE_VALUES = ("CodeValue", "LongCodeValue", "URNCodeValue")
 _CODE_KEYWORDS = (*_CODE_VALUES, "CodingSchemeDesignator", "CodeMeaning")
 PERSON_NAMES = ("PatientName", "ReferringPhysicianName")
 """The person names highdicom checks when it derives an object from a source image."""
+
+
+_TM = re.compile(r"^([01]\d|2[0-3])([0-5]\d([0-5]\d(\.\d{1,6})?)?)?$")
+
+
+def _valid_da(text: str) -> bool:
+    try:
+        return len(text) == 8 and text.isdigit() and bool(datetime.strptime(text, "%Y%m%d"))
+    except ValueError:
+        return False
+
+
+_CHECKED = {"PatientBirthDate": _valid_da, "StudyDate": _valid_da,
+            "StudyTime": lambda text: _TM.match(text) is not None,
+            "PatientSex": lambda text: text in ("M", "F", "O")}
+"""Values highdicom converts or checks itself; an invalid one makes it raise, quoting the value."""
+
+
+def _raw_text(ds: Dataset, keyword: str) -> str:
+    """The element's value as text, from its raw bytes when not decoded yet (no validation)."""
+    tag = tag_for_keyword(keyword)
+    if tag is None or tag not in ds:
+        return ""
+    value = ds.get_item(tag).value
+    if isinstance(value, bytes):
+        return value.decode("latin-1").strip(" \x00")
+    return "" if value is None else str(value).strip()
 
 
 def unambiguous_name(value: object) -> str:
@@ -180,6 +216,7 @@ def clean_headers(headers: Sequence[Dataset]) -> list[Dataset]:
                     "analysis must derive from one series")
     cleaned: list[Dataset] = []
     dropped: list[str] = []
+    emptied: set[str] = set()
     for ds in headers:
         out = _clean_dataset(ds, "", dropped, root=True)
         if hasattr(ds, "file_meta"):
@@ -187,6 +224,11 @@ def clean_headers(headers: Sequence[Dataset]) -> list[Dataset]:
         for keyword in _TYPE2_IDENTIFIERS:
             if keyword not in out:
                 setattr(out, keyword, "")
+        for keyword, valid in _CHECKED.items():
+            text = _raw_text(out, keyword)
+            if text and not valid(text):
+                setattr(out, keyword, "")
+                emptied.add(keyword)
         for keyword in PERSON_NAMES:
             if out.get(keyword):
                 setattr(out, keyword, unambiguous_name(out.get(keyword)))
@@ -196,4 +238,7 @@ def clean_headers(headers: Sequence[Dataset]) -> list[Dataset]:
         logger.info("series %s: %d non-conformant sequence items left out of the derived "
                     "objects' copies, e.g. %s", first.SeriesInstanceUID, len(dropped),
                     "; ".join(distinct[:3]))
+    if emptied:
+        logger.warning("series %s: %s not valid (value not logged); left empty in the results",
+                       first.SeriesInstanceUID, ", ".join(sorted(emptied)))
     return cleaned
