@@ -271,3 +271,18 @@ def test_each_association_is_recorded_with_its_sender_and_counts(
     with node.sessions() as s:
         result = check(s)
         assert result.intact and result.unsealed == 0 and result.sealed >= 3  # sealed at stop
+
+
+def test_training_runs_are_audited(tmp_path: Path) -> None:
+    from node.learn.runs import begin_run, create_run, fail_run
+
+    sessions = _factory(f"sqlite:///{tmp_path / 'lungnode.db'}")
+    with sessions() as s:
+        run = create_run(s, dataset_id=None, trigger="cli", created_by="ann", params={"epochs": 1})
+        s.commit()
+        begin_run(s, run.id, "host:1:owner", 60.0)
+        s.commit()
+        fail_run(s, run.id, "stopped by the test")
+        rows = list(s.scalars(select(AuditEntry).order_by(AuditEntry.id)))
+    assert [r.action for r in rows] == ["run:running", "run:failed"]
+    assert rows[0].actor == "training:ann" and f"training run {run.id} (cli, by ann" in (rows[0].detail or "")

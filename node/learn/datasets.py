@@ -40,7 +40,7 @@ from sqlalchemy.orm import Session
 
 from model.errors import ModelError
 from model.manifest import Manifest, ManifestItem, read_manifest
-from node.db import DatasetManifest, LearnStudy, PatientFold, utcnow
+from node.db import AuditEntry, DatasetManifest, LearnStudy, PatientFold, utcnow
 from node.errors import DatasetError
 from node.learn.history import CurrentLabel, current_labels
 from node.learn.tensors import (
@@ -283,6 +283,10 @@ def _store(session: Session, settings: Settings, *, kind: str, as_of: datetime, 
     manifest.write(settings.learn_root / rel)
     row.digest = manifest.digest
     row.summary = json.dumps(counts, sort_keys=True)
+    session.add(AuditEntry(actor=created_by[:64], action=f"dataset-{stem}",  # what trains on what
+                           detail=f"{kind} version {version} (id {row.id}): {len(items)} studies of "
+                                  f"{len(set(i.patient for i in items))} patients as of {as_of.isoformat()}, "
+                                  f"digest {manifest.digest}"))
     session.flush()
     return manifest
 
