@@ -43,7 +43,7 @@ from node.settings import SelectionSettings
 from node.stages.selection import SelectionRules, select_series
 from tests.conftest import B40F
 from tests.dcmtk import storescu, wait_for
-from tests.raw_dul import c_store_raw
+from tests.raw_dul import RawAssociation, c_store_raw
 from tests.test_ingest import Listener, _files_under, _scu_send, listener  # noqa: F401
 from tests.test_selection import study_of
 
@@ -122,6 +122,22 @@ def test_stalled_connections_are_closed_and_known_peers_keep_their_slots(
         thread.join(10)
         for s in [*stalled, loris]:
             s.close()
+
+
+@SQLITE
+def test_a_peer_stalling_inside_a_pdu_is_dropped_after_network_timeout(
+        listener: Callable[..., Listener]) -> None:  # noqa: F811
+    """An admitted association whose peer sends a P-DATA-TF header declaring 1000 bytes and
+    stops: pynetdicom's reader blocks inside the PDU (its idle timer cannot fire); the socket
+    timeout set at admission ends it."""
+    lst = listener(dicom={"network_timeout": 2.0, "request_timeout": 120.0})
+    assoc = RawAssociation.open(lst.port, "PACS", [(1, CTImageStorage, [ExplicitVRLittleEndian])])
+    try:
+        assoc.sock.sendall(b"\x04\x00\x00\x00\x03\xe8" + bytes(10))
+        assert _closed_by_peer(assoc.sock, 60)
+    finally:
+        assoc.sock.close()
+    wait_for(lambda: lst.scp.active_associations == 0, 60, 0.1, "the association to end")
 
 
 @SQLITE

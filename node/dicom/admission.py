@@ -12,6 +12,12 @@ socket down (ending a blocked ``recv`` at once) when the request is late.  Once 
 request is in, the socket's timeout becomes ``network_timeout`` (a peer stalling in
 the middle of a PDU is dropped after it) and ``max_associations`` counts only the
 associations admitted here.
+
+What pynetdicom 3.0 does, seen from outside: a read that times out, or a socket shut
+down under it, ends in its "transport connection closed" event (the association
+aborts, the socket is closed, both threads end); a timed-out read is logged at ERROR
+with its traceback, a short read without, so the socket's timeout during the request
+is a second longer than the timer's, which normally ends the read first.
 """
 
 from __future__ import annotations
@@ -74,7 +80,7 @@ class Admission:
         """``EVT_CONN_OPEN``: start the connection's ``request_timeout``."""
         assoc = event.assoc
         timeout = self.settings.request_timeout
-        _set_timeout(assoc, timeout)
+        _set_timeout(assoc, timeout + 1.0)  # a backstop: the timer below acts first
         assoc.acse_timeout = timeout
         timer = threading.Timer(timeout, self._overdue, (assoc,))
         timer.daemon = True

@@ -391,6 +391,13 @@ class StoreSCP:
         except LabelError as exc:
             self.catalog.record_refusal(None, "label-refused", f"from {calling}: {exc}")
             return _Refusal(STATUS_CANNOT_UNDERSTAND, "SR carries no lungnode severity label")
+        except (ValueError, TypeError, KeyError, AttributeError, EOFError, NotImplementedError,
+                RecursionError) as exc:  # its content tree cannot be read (pydicom reads it here)
+            self.catalog.record_refusal(
+                None, "label-refused",
+                f"SR {sop_uid} from {calling}: its content cannot be read ({type(exc).__name__}: "
+                f"{_short_text(exc)})")
+            return _Refusal(STATUS_CANNOT_UNDERSTAND, "SR content cannot be read")
         path = self.store.root / "labels" / f"{sop_uid}.dcm"
         path.parent.mkdir(parents=True, exist_ok=True)
         fresh = not path.exists()
