@@ -60,7 +60,8 @@ def start_node(tmp: Path) -> tuple[subprocess.Popen[bytes], int]:
     subprocess.run([sys.executable, "-m", "node.cli", "db", "upgrade", "--config", str(cfg)],
                    cwd=REPO, check=True, capture_output=True)
     log = (tmp / "node.log").open("wb")
-    proc = subprocess.Popen([sys.executable, "-m", "node.cli", "serve", "--config", str(cfg)],
+    proc = subprocess.Popen(  # its log: ERROR and above, with pynetdicom's tracebacks
+[sys.executable, "-m", "node.cli", "serve", "--config", str(cfg)],
                             cwd=REPO, stdout=subprocess.PIPE, stderr=log,
                             env=dict(os.environ, PYTHONUNBUFFERED="1"))
     assert proc.stdout is not None
@@ -75,6 +76,7 @@ def start_node(tmp: Path) -> tuple[subprocess.Popen[bytes], int]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", type=int, default=2000, help="cases of each kind (data sets, traffic)")
+    parser.add_argument("--log", type=Path, help="keep the node's log here")
     args = parser.parse_args()
     outcomes: collections.Counter[str] = collections.Counter()
     with tempfile.TemporaryDirectory(prefix="bench-fuzz-") as name:
@@ -131,6 +133,8 @@ def main() -> None:
         finally:
             proc.terminate()
             proc.wait(30)
+            if args.log is not None:
+                args.log.write_bytes((tmp / "node.log").read_bytes())
     print(f"cases: {args.cases} data sets + {args.cases} association exchanges in {elapsed:.0f} s")
     for key, n in sorted(outcomes.items()):
         print(f"  {key}: {n}")

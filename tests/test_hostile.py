@@ -222,7 +222,7 @@ def test_replace_policy_replaces_the_file_and_updates_its_row(
 
 
 @SQLITE
-@pytest.mark.parametrize("case", ["cut-short", "declared-0xFFFFFFF0", "frames-1e9"])
+@pytest.mark.parametrize("case", ["cut-short", "declared-0xFFFFFFF0", "frames-1e9", "header-cut"])
 def test_native_pixel_data_that_does_not_fit_its_image_is_refused(
         listener: Callable[..., Listener], case: str) -> None:  # noqa: F811
     lst = listener()
@@ -235,6 +235,12 @@ def test_native_pixel_data_that_does_not_fit_its_image_is_refused(
         ds.NumberOfFrames = 10**9
         assert _scu_send(lst.port, [ds]) == [0xA900]
         expected = "needs 524288000000000"
+    elif case == "header-cut":  # inside Pixel Data's 4-byte length (found by bench_fuzz)
+        body = _body(ds)
+        at = body.rfind(b"\xe0\x7f\x10\x00OW\x00\x00")
+        assert c_store_raw(lst.port, CTImageStorage, ExplicitVRLittleEndian, ds.SOPInstanceUID,
+                           body[:at + 10]) == 0xC000
+        expected = "ends inside an element header"
     else:
         body = _body(ds)
         at = body.rfind(b"\xe0\x7f\x10\x00OW\x00\x00")

@@ -25,6 +25,7 @@ Columns x Samples per Pixel x Bits Allocated x Number of Frames
 from __future__ import annotations
 
 import logging
+import struct
 import zlib
 from dataclasses import dataclass
 from io import BytesIO
@@ -105,8 +106,16 @@ def scan_top_level(data: bytes, implicit_vr: bool, little_endian: bool) -> int |
     """
     previous = -1
     pixel_length: int | None = None
-    for elem in data_element_generator(BytesIO(data), implicit_vr, little_endian,
-                                       defer_size=_DEFER_BYTES):
+    elements = data_element_generator(BytesIO(data), implicit_vr, little_endian,
+                                      defer_size=_DEFER_BYTES)
+    while True:
+        try:
+            elem = next(elements)
+        except StopIteration:
+            break
+        except struct.error as exc:  # pydicom unpacks a header the data set ends inside of
+            raise ReceivedError(f"the data set ends inside an element header after "
+                                f"{_tag_text(previous) if previous >= 0 else 'its start'}") from exc
         tag = int(elem.tag)
         if tag <= previous:
             what = "repeats" if tag == previous else f"comes after {_tag_text(previous)}"
@@ -158,7 +167,10 @@ def read_received(event: Event, max_inflated_bytes: int) -> Received:
             raise ReceivedError(f"the deflated data set cannot be inflated ({exc})") from exc
     implicit, little = bool(syntax.is_implicit_VR), bool(syntax.is_little_endian)
     pixel_length = scan_top_level(data, implicit, little)
-    dataset = decode(BytesIO(data), implicit, little)
+    try:
+        dataset = decode(BytesIO(data), implicit, little)
+    except struct.error as exc:
+        raise ReceivedError("the data set ends inside an element header") from exc
     return Received(head=head, body=body, dataset=dataset, pixel_data_length=pixel_length)
 
 
@@ -187,7 +199,8 @@ def native_pixel_problem(ds: Dataset, declared_length: int | None) -> str | None
                     f"Number of Frames {frames}, Samples per Pixel {samples}, "
                     f"Bits Allocated {allocated})")
         expected = int(get_expected_length(ds, "bytes"))
-    except (TypeError, ValueError, AttributeError, KeyError, NotImplementedError) as exc:
+    except (TypeError, ValueError, AttributeError, KeyError, NotImplementedError,
+            struct.error) as exc:
         return f"its image attributes cannot be read ({type(exc).__name__}: {exc})"
     if declared_length in (expected, expected + (expected % 2)):
         return None

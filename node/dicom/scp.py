@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import cast
@@ -281,7 +282,8 @@ class StoreSCP:
             code = STATUS_OUT_OF_RESOURCES if exc.too_large else STATUS_CANNOT_UNDERSTAND
             msg = f"{exc}; nothing was stored"
             return self._refuse(None, code, f"SOP {announced} from {calling}: {msg}", msg)
-        except (ValueError, TypeError, EOFError, KeyError, OSError, NotImplementedError) as exc:
+        except (ValueError, TypeError, EOFError, KeyError, OSError, NotImplementedError,
+                struct.error) as exc:
             # (pydicom raises NotImplementedError for a value representation it does not know)
             msg = f"the data set cannot be decoded ({type(exc).__name__}); nothing was stored"
             return self._refuse(None, STATUS_CANNOT_UNDERSTAND,
