@@ -48,7 +48,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC
 
-from sqlalchemy import func, select, update
+from sqlalchemy import bindparam, func, select, update
 from sqlalchemy.orm import Session
 
 from node.db import AuditEntry
@@ -76,6 +76,10 @@ ADVISORY_LOCK_KEY = 0x6C756E67_61756474  # "lungaudt": the key the trigger of mi
 """PostgreSQL advisory lock key: inserts hold it shared, the sealer exclusively."""
 
 _BATCH = 1000
+
+_TABLE = AuditEntry.metadata.tables["audit_log"]
+_SEAL_ROW = (update(_TABLE).where(_TABLE.c.id == bindparam("b_id"), _TABLE.c.row_hash.is_(None))
+             .values(prev_hash=bindparam("b_prev"), row_hash=bindparam("b_hash")))
 """Rows hashed per sealing transaction: inserts on PostgreSQL wait while a seal holds its lock."""
 
 
@@ -145,13 +149,15 @@ def seal(session: Session, *, wait_seconds: float = 5.0) -> int:
         if not rows:
             session.rollback()
             return sealed
+        hashes = []
         for row in rows:
             digest = row_hash(prev, row)
-            session.execute(update(AuditEntry).where(AuditEntry.id == row.id,
-                                                     AuditEntry.row_hash.is_(None))
-                            .values(prev_hash=prev, row_hash=digest))
+            hashes.append({"b_id": row.id, "b_prev": prev, "b_hash": digest})
             prev = digest
+        session.execute(_SEAL_ROW, hashes)  # one executemany, no ORM bookkeeping per row
         session.commit()
+        for row in rows:  # their loaded hashes are stale: later reads of the session load them again
+            session.expunge(row)
         sealed += len(rows)
         logger.info("audit chain sealed through row %d (head %s, %d rows this time)",
                     rows[-1].id, prev, len(rows))
@@ -182,7 +188,7 @@ class AuditCheck:
 
 def _rows(session: Session) -> Iterator[AuditEntry]:
     """Every row in id order, a few thousand at a time (any id, zero and negative ones too)."""
-    stmt = select(AuditEntry).order_by(AuditEntry.id).limit(5000)
+    stmt = select(AuditEntry).order_by(AuditEntry.id).limit(5000).execution_options(populate_existing=True)
     batch = list(session.scalars(stmt))
     while batch:
         yield from batch
