@@ -215,6 +215,11 @@ class Node:
         with self.sessions() as session:
             seal(session)
 
+    def retention_tick(self) -> None:
+        """The retention purge (:func:`node.work.retention.purge`); a database outage skips it."""
+        with self.database.guard("retention"):
+            purge(self.sessions, self.settings)
+
     def deliver_soon(self) -> None:
         """Run the outbox now (in the scheduler's threads), not at its next tick."""
         if self.scheduler is not None and self.settings.delivery.destinations:
@@ -343,7 +348,7 @@ class Node:
                               id="outbox", max_instances=1, coalesce=True)
             sched.add_job(self.audit_tick, "interval", seconds=SEAL_INTERVAL_SECONDS, id="audit-seal",
                           max_instances=1, coalesce=True)
-            sched.add_job(purge, "interval", args=(self.sessions, s), seconds=s.retention.poll_seconds,
+            sched.add_job(self.retention_tick, "interval", seconds=s.retention.poll_seconds,
                           id="retention", max_instances=1, coalesce=True)
             if s.training.schedule:
                 # validated when the settings were loaded
