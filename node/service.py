@@ -212,7 +212,7 @@ class Node:
 
     def audit_tick(self) -> None:
         """Seal the audit rows written since the last seal (:func:`node.work.audit.seal`)."""
-        with self.sessions() as session:
+        with self.database.guard("audit"), self.sessions() as session:
             seal(session)
 
     def retention_tick(self) -> None:
@@ -346,10 +346,10 @@ class Node:
             if s.delivery.destinations:
                 sched.add_job(self.outbox_tick, "interval", seconds=s.delivery.poll_seconds,
                               id="outbox", max_instances=1, coalesce=True)
-            sched.add_job(self.audit_tick, "interval", seconds=SEAL_INTERVAL_SECONDS, id="audit-seal",
-                          max_instances=1, coalesce=True)
             sched.add_job(self.retention_tick, "interval", seconds=s.retention.poll_seconds,
                           id="retention", max_instances=1, coalesce=True)
+            sched.add_job(self.audit_tick, "interval", seconds=SEAL_INTERVAL_SECONDS, id="audit-seal",
+                          max_instances=1, coalesce=True)
             if s.training.schedule:
                 # validated when the settings were loaded
                 trigger = CronTrigger.from_crontab(s.training.schedule, timezone="UTC")
