@@ -325,8 +325,9 @@ JPEG 2000 end of codestream)."""
 def has_end_marker(frame: bytes | memoryview) -> bool:
     """Whether a JPEG, JPEG-LS or JPEG 2000 frame ends with its end marker (after any zero padding).
 
-    A codestream cut short in transfer lacks it; pyjpegls would still decode one
-    (filling the rest of the image with whatever it has).
+    A codestream cut short in transfer lacks it; a lenient decoder (pylibjpeg's libjpeg,
+    pydicom's fallback) would still decode one, filling the rest of the image with
+    whatever it has.
     """
     return bytes(frame).rstrip(b"\x00").endswith(b"\xff\xd9")
 
@@ -334,9 +335,10 @@ def has_end_marker(frame: bytes | memoryview) -> bool:
 def _check_codestreams(ds: Dataset, h: SliceHeader) -> None:
     """Refuse JPEG, JPEG-LS and JPEG 2000 frames that do not end with their end marker.
 
-    A truncated JPEG-LS codestream decodes without an error (pyjpegls fills the
-    rest of the image with whatever it has): without this check a slice cut
-    short in transfer would be analysed as garbage pixels.
+    A truncated codestream can decode without an error (a lenient decoder fills the
+    rest of the image with whatever it has): without this check a slice cut short in
+    transfer would be analysed as garbage pixels.  Damage inside a JPEG-LS frame is left
+    to CharLS, which :func:`_decode` selects for JPEG-LS.
     """
     syntax = ds.file_meta.get("TransferSyntaxUID") if getattr(ds, "file_meta", None) else None
     if syntax not in MARKER_ENDED_SYNTAXES:
