@@ -189,6 +189,10 @@ def test_a_differing_resend_keeps_the_first_file_and_is_audited(
     assert _scu_send(lst.port, [first]) == [0]  # identical: nothing to audit
     assert len(lst.audit("instance-resend-differs")) == 1
     assert lst.count() == 1
+    path.unlink()  # a recorded file gone: the next resend restores it, audited
+    assert _scu_send(lst.port, [first]) == [0]
+    assert path.read_bytes() == original
+    assert len(lst.audit("instance-restored")) == 1
     with lst.sessions() as s:
         assert s.scalars(select(Study)).one().instance_count == 1
 

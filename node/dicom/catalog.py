@@ -103,9 +103,10 @@ class Catalog:
                              study_instance_uid=str(row[5]), series_instance_uid=str(row[6]))
 
     def replace_instance(self, known: KnownInstance, rec: InstanceRecord, detail: str,
-                         now: datetime | None = None) -> None:
+                         now: datetime | None = None,
+                         action: str = "instance-resend-differs") -> None:
         """Point an instance's row at its replaced file (size, transfer syntax, sender, time) and
-        audit it (``instance-resend-differs``), in one transaction; the study counts it as received."""
+        audit it (``action``), in one transaction; the study counts it as received."""
         now = now or utcnow()
         with self.engine.begin() as conn:
             conn.execute(update(Instance).where(Instance.id == known.id).values(
@@ -113,9 +114,9 @@ class Catalog:
                 sop_class_uid=rec.sop_class_uid, calling_ae=rec.calling_ae, received_at=now))
             conn.execute(update(Study).where(Study.id == known.study_id).values(
                 last_received_at=now, updated_at=now))
-            conn.execute(insert(AuditEntry).values(actor="scp", action="instance-resend-differs",
+            conn.execute(insert(AuditEntry).values(actor="scp", action=action,
                                                    study_id=known.study_id, detail=detail))
-        logger.warning("instance-resend-differs: %s", detail)
+        logger.warning("%s: %s", action, detail)
 
     def record_event(self, study_id: int | None, action: str, detail: str) -> None:
         """An audit row on a known study (by id) that leaves the study's reason as it is."""

@@ -361,6 +361,14 @@ class StoreSCP:
             return None
         moved = (record.study_instance_uid, record.series_instance_uid) != (
             known.study_instance_uid, known.series_instance_uid)
+        if not moved and not (self.store.root / known.relative_path).exists():
+            # the recorded file is gone (removed by hand, a disk fault): the resend restores it
+            self.store.write(record.study_instance_uid, record.series_instance_uid, sop,
+                             received.parts)
+            self.catalog.replace_instance(
+                known, record, f"SOP {sop} from {record.calling_ae}: its stored file was missing; "
+                f"restored from the resend ({record.size_bytes} bytes)", action="instance-restored")
+            return None
         detail = (f"SOP {sop} from {record.calling_ae}: received again with other content "
                   f"({record.size_bytes} bytes, {UID(record.transfer_syntax_uid).name}); stored: "
                   f"{known.size_bytes} bytes, {UID(known.transfer_syntax_uid).name}")
