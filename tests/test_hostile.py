@@ -186,6 +186,10 @@ def test_a_differing_resend_keeps_the_first_file_and_is_audited(
     assert first.SOPInstanceUID in detail and "from PACS" in detail and "kept the first" in detail
     assert f"stored: {len(original)} bytes" in detail
     assert entries[0].study_id == row.study_id
+    # acknowledged, so not lost: the differing copy is kept beside the first, named in the audit
+    kept = list(path.parent.glob(path.name + ".resend-*"))
+    assert len(kept) == 1 and kept[0].name in detail
+    assert pydicom.dcmread(kept[0]).ImageComments == second.ImageComments
     assert _scu_send(lst.port, [first]) == [0]  # identical: nothing to audit
     assert len(lst.audit("instance-resend-differs")) == 1
     assert lst.count() == 1

@@ -113,6 +113,8 @@ def test_delivered_study_purged_after_its_days(db_url: str, make_settings: Calla
         session.execute(delete(UidMapping).where(UidMapping.study_id == unarchived.study_id))
         session.commit()
     kept = (young, pending, dead, busy, unarchived)
+    first = sorted((settings.storage.root / "instances" / old.study_uid).rglob("*.dcm"))[0]
+    Path(f"{first}.resend-0123456789abcdef").write_bytes(first.read_bytes())  # a keep-first copy
     before = {a.study_id: _files(settings, a) for a in (old, *kept, no_dest)}
     assert all(n == 23 for n in before.values())
 

@@ -386,8 +386,10 @@ class StoreSCP:
             self.catalog.record_event(known.study_id, "instance-refused",
                                       detail + "; not moved to another study or series")
             return _Refusal(STATUS_DATASET_MISMATCH, "SOP already stored in another study/series")
+        kept = self.store.keep_resend(known.relative_path, received.parts)
         self.catalog.record_event(known.study_id, "instance-resend-differs",
-                                  detail + "; kept the first ([storage] overwrite = keep-first)")
+                                  detail + "; kept the first ([storage] overwrite = keep-first), "
+                                  f"the resend is kept as {kept}")
         return None
 
     def _receive_label(self, received: Received, calling: str, sop_uid: str) -> _Refusal | None:

@@ -8,6 +8,7 @@ leaves a half-written file under a real name.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import re
@@ -215,6 +216,20 @@ class InstanceStore:
         rel = self.relative_path(study_uid, series_uid, sop_uid)
         size = atomic_write(self.root / rel, data, fsync=self.fsync)
         return StoredFile(relative_path=rel, size_bytes=size)
+
+    def keep_resend(self, relative_path: str, data: Sequence[bytes | memoryview]) -> str:
+        """Keep a differing resend of a stored instance beside it, without replacing it.
+
+        ``keep-first`` acknowledges such a resend (as Orthanc does), so its bytes must not be
+        lost: they go to ``<stored name>.resend-<sha256 prefix>`` in the same folder (never
+        read as an instance; purged with the study's originals).  Returns its relative path.
+        """
+        digest = hashlib.sha256()
+        for part in data:
+            digest.update(part)
+        rel = f"{relative_path}.resend-{digest.hexdigest()[:16]}"
+        atomic_write(self.absolute(rel), data, fsync=self.fsync)
+        return rel
 
     def absolute(self, relative_path: str) -> Path:
         path = (self.root / relative_path).resolve()

@@ -468,7 +468,9 @@ def _purge_originals(sessions: sessionmaker[Session], settings: Settings, item: 
                    f"{item.reason}"))
         session.commit()
     root = settings.storage.root
-    _unlink(root, [p for _i, p in instances], settings.incoming_root, report.errors)
+    resends = [str(f.relative_to(root)) for _i, rel in instances
+               for f in (root / rel).parent.glob(Path(rel).name + ".resend-*")]  # keep-first copies
+    _unlink(root, [p for _i, p in instances] + resends, settings.incoming_root, report.errors)
     _unlink(root, d.result_paths, settings.results_root, report.errors)
     report.done.append(item)
     logger.info("study %s (id %d): originals and results purged (%s, %d bytes)", item.uid,
