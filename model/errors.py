@@ -6,7 +6,7 @@ node's orchestrator records the message on the study.
 
 from __future__ import annotations
 
-__all__ = ["AnalysisError", "VolumeError", "SegmentationError", "ModelError"]
+__all__ = ["AnalysisError", "VolumeError", "SegmentationError", "NoLungsError", "ModelError"]
 
 
 class AnalysisError(Exception):
@@ -19,6 +19,16 @@ class VolumeError(AnalysisError):
 
 class SegmentationError(AnalysisError):
     """No plausible lungs were found in the volume."""
+
+
+class NoLungsError(SegmentationError):
+    """The series holds no lungs to measure: too little lung, or one side only.
+
+    An abdominal CT routed by mistake (routing rules that match on modality
+    alone), a scan of one lung or of the lung bases: the node rejects the
+    study with this reason instead of reporting a severity (it would read
+    ``CT-0``).
+    """
 
 
 class ModelError(AnalysisError):

@@ -141,7 +141,8 @@ class InferenceEngine:
         probs = {name: float(v) for name, v in zip(CLASS_NAMES, p.tolist(), strict=True)}
         return Prediction(probabilities=probs, predicted_class=CLASS_NAMES[int(p.argmax())],
                           model_name=self.card.name, model_version=self.card.version,
-                          model_sha256=self.card.sha256, device=self.device_name)
+                          model_sha256=self.card.sha256, device=self.device_name,
+                          model_validity=self.card.validity)
 
     def predict(self, volume: CTVolume, masks: LungMasks) -> Prediction:
         """Severity class probabilities of one study (the node's ``Predictor``).

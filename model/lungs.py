@@ -52,7 +52,7 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from model import morph
-from model.errors import SegmentationError
+from model.errors import NoLungsError
 from model.pleura import close_radially, fill_along_pleura
 from model.volume import CTVolume
 
@@ -300,18 +300,18 @@ def _pick_lungs(candidate: np.ndarray, body: np.ndarray, voxel_ml: float, uid: s
     """The one or two lung components (split when both lungs form one component)."""
     lab, n = ndi.label(candidate)
     if n == 0:
-        raise SegmentationError(
-            f"series {uid}: found no air inside the body; the series may not cover the chest or "
-            "may not be a lung CT")
+        raise NoLungsError(
+            f"series {uid}: found no air inside the body: no lungs in the field of view; the series "
+            "may not cover the chest or may not be a lung CT")
     sizes = np.bincount(lab.ravel())
     sizes[0] = 0
     order = np.argsort(sizes)[::-1]
     min_vox = int(params.min_lung_ml / voxel_ml)
     largest = int(sizes[order[0]])
     if largest < min_vox:
-        raise SegmentationError(
-            f"series {uid}: found {largest * voxel_ml:.0f} ml of lung at most; the series may not "
-            "cover the chest or may not be a lung CT")
+        raise NoLungsError(
+            f"series {uid}: found {largest * voxel_ml:.0f} ml of lung at most: no lungs in the field "
+            "of view; the series may not cover the chest or may not be a lung CT")
     first = lab == order[0]
     zs = np.nonzero(first.any(axis=(1, 2)))[0]
     for i in order[1:4]:
@@ -435,8 +435,10 @@ def segment_lungs(volume: CTVolume, *, params: LungParams = LungParams()) -> Lun
 
     Raises
     ------
-    SegmentationError
-        No lung-sized air region inside the body.
+    NoLungsError
+        No lung-sized air region inside the body (a :class:`SegmentationError`; the node rejects
+        the study with the message).  One lung alone, or lungs smaller than the node's minimum,
+        are returned: :func:`model.quantify.require_lungs` decides.
     """
     uid = volume.series_instance_uid
     f = work_grid_factors(volume.spacing, params.grid_mm)
@@ -471,7 +473,10 @@ def segment_lungs(volume: CTVolume, *, params: LungParams = LungParams()) -> Lun
     for p, c in zip(parts, crop, strict=True):
         p[box] = c
     xs = [_patient_x(volume, c[0] * fz, c[1], c[2], f) for c in map(_centroid, parts)]
-    mid_x = _patient_x(volume, 0.0, 0.0, (box[2].start + box[2].stop) / 2.0, f)
+    # one lung alone is named by the side of the body's midline it lies on (the lungs' box is that
+    # lung's own: its middle would name the side at random)
+    body_cols = np.nonzero(body.any(axis=(0, 1)))[0]
+    mid_x = _patient_x(volume, 0.0, 0.0, (body_cols[0] + body_cols[-1]) / 2.0, f)
     if len(parts) == 2:
         left_c, right_c = (parts[0], parts[1]) if xs[0] > xs[1] else (parts[1], parts[0])
     else:
@@ -485,9 +490,9 @@ def segment_lungs(volume: CTVolume, *, params: LungParams = LungParams()) -> Lun
         left, right = _refine(volume, f, fz, left_c, right_c, taken, airway, params.air_hu)
     left_ml, right_ml = (int(np.count_nonzero(m)) * volume.voxel_volume_ml for m in (left, right))
     if left_ml + right_ml < params.min_lung_ml:
-        raise SegmentationError(
-            f"series {uid}: found {left_ml + right_ml:.0f} ml of lung; the series may not cover the "
-            "chest or may not be a lung CT")
+        raise NoLungsError(
+            f"series {uid}: found {left_ml + right_ml:.0f} ml of lung: no lungs in the field of view; "
+            "the series may not cover the chest or may not be a lung CT")
     logger.info("series %s: lungs %.0f ml left, %.0f ml right", uid, left_ml, right_ml)
     # the reduced masks' box; the outline refinement adds at most one reduced voxel in-plane
     small_box = _box([left_c, right_c], margin=1)

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["CLASS_NAMES", "Prediction"]
+__all__ = ["CLASS_NAMES", "DEFAULT_VALIDITY", "Prediction"]
 
 CLASS_NAMES: tuple[str, ...] = ("non-COVID", "mild", "moderate", "severe", "critical")
 """The five Cov3d severity classes, in the network's output order."""
+
+DEFAULT_VALIDITY = "validation on patient data not stated"
+"""What the results say of a model whose card has no ``validity`` statement (never a claim of
+validation)."""
 
 
 @dataclass(frozen=True)
@@ -22,6 +26,10 @@ class Prediction:
     model_sha256: str
     device: str
     """``cpu`` or ``cuda:N`` (with the GPU name where known)."""
+    model_validity: str = DEFAULT_VALIDITY
+    """The model card's statement of what the model was trained on and whether it was validated on
+    patients (e.g. "trained on synthetic phantoms; not validated on patient data"); every result
+    shows it next to the class and P(COVID)."""
 
     @property
     def p_covid(self) -> float:

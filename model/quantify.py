@@ -15,10 +15,12 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from model import morph
+from model.errors import NoLungsError
 from model.lungs import LungMasks, block_mean, slice_group, upsample_mask
 from model.volume import CTVolume
 
 __all__ = [
+    "MIN_SIDE_ML",
     "LungMeasurement",
     "OpacityThresholds",
     "Quantification",
@@ -26,6 +28,7 @@ __all__ = [
     "category_for",
     "image_noise_hu",
     "quantify",
+    "require_lungs",
 ]
 
 logger = logging.getLogger(__name__)
@@ -392,6 +395,51 @@ def quantify(volume: CTVolume, masks: LungMasks, thresholds: OpacityThresholds =
         thresholds=thresholds, opacity_mask=opacity_full, quality_flags=tuple(flags),
         noise_hu=noise,
     )
+
+
+MIN_SIDE_ML = 150.0
+"""A side with less lung than this counts as not found (the classical segmentation's smallest lung
+component, :attr:`model.lungs.LungParams.min_lung_ml`; a learned segmenter's stray voxels on the
+other side stay below it)."""
+
+
+def require_lungs(q: Quantification, series_uid: str, *, min_total_ml: float,
+                  min_side_ml: float = MIN_SIDE_ML) -> None:
+    """Refuse a series whose lungs are too small or one-sided to report a severity for.
+
+    An abdominal CT routed to the node by mistake shows the lung bases (a few
+    hundred millilitres) or none; without this check it would come back as
+    ``CT-0``.  A scan with one lung only cannot be compared with the
+    MosMedData bins, which count both lungs.
+
+    Parameters
+    ----------
+    q:
+        The quantification of the segmented lungs.
+    series_uid:
+        Named in the message.
+    min_total_ml:
+        Both lungs together must hold at least this much (``[analysis] min_lung_volume_ml``).
+    min_side_ml:
+        A side counts as found from this volume on.
+
+    Raises
+    ------
+    NoLungsError
+        Less than ``min_total_ml`` in total, or a side under ``min_side_ml``; the message starts
+        ``no lungs in the field of view: <ml> ml found, <sides>``.
+    """
+    sides = sum(m.volume_ml >= min_side_ml for m in (q.left, q.right))
+    total = q.total.volume_ml
+    if total >= min_total_ml and sides == 2:
+        return
+    found = {0: "no side", 1: "one side", 2: "both sides"}[sides]
+    why = (f"at least {min_total_ml:.0f} ml of lung are needed ([analysis] min_lung_volume_ml)"
+           if total < min_total_ml else f"both lungs are needed (a side counts from {min_side_ml:.0f} ml)")
+    raise NoLungsError(
+        f"no lungs in the field of view: {total:.0f} ml found, {found} (left {q.left.volume_ml:.0f} ml, "
+        f"right {q.right.volume_ml:.0f} ml) in series {series_uid}; {why}. The series may not cover "
+        "the chest (an abdominal CT routed here?) or may not be a lung CT; no severity is reported")
 
 
 def _quality_flags(volume: CTVolume, masks: LungMasks, total: LungMeasurement,

@@ -19,6 +19,7 @@ import hashlib
 import json
 import logging
 import re
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,7 @@ from torch import nn
 
 from model.errors import ModelError
 from model.networks import ARCHITECTURES, build_network
-from model.prediction import CLASS_NAMES
+from model.prediction import CLASS_NAMES, DEFAULT_VALIDITY
 from model.preprocess import PreprocessConfig
 
 __all__ = [
@@ -41,6 +42,7 @@ __all__ = [
     "read_card",
     "save_model",
     "sha256_file",
+    "validity_statement",
     "write_card",
 ]
 
@@ -89,6 +91,10 @@ class ModelCard:
     metrics: dict[str, Any] = field(default_factory=dict)
     training: dict[str, Any] = field(default_factory=dict)
     """How to reproduce it: command, seeds, epochs, ..."""
+    validity: str = DEFAULT_VALIDITY
+    """One line for the reader of every result: what the model was trained on and whether it was
+    validated on patients ("trained on synthetic phantoms; not validated on patient data").  A card
+    without it reads "validation on patient data not stated": the node never claims validation."""
 
     @property
     def preprocess(self) -> PreprocessConfig:
@@ -128,8 +134,56 @@ class ModelCard:
         if card.architecture not in ARCHITECTURES:
             raise ModelError(f"{source}: unknown architecture {card.architecture!r}; known: "
                              f"{', '.join(ARCHITECTURES)}")
+        if not isinstance(card.validity, str) or not card.validity.strip():
+            raise ModelError(f"{source}: validity must be a sentence saying what the model was trained on "
+                             "and whether it was validated on patients (or leave the field out)")
         card.preprocess  # noqa: B018 - validates input size, window and margin
         return card
+
+
+_ORIGIN_WORDS = {"archive": "of this node's archive", "mosmed": "MosMedData", "cov19ctdb": "COV19-CT-DB",
+                 "synthetic": "synthetic phantoms"}
+
+
+def validity_statement(train_origins: Mapping[str, int], *, dataset: str,
+                       locked_origins: Mapping[str, int] | None = None,
+                       locked_macro_f1: float | None = None) -> str:
+    """The card's ``validity`` line for a model trained from a frozen dataset.
+
+    Parameters
+    ----------
+    train_origins:
+        Training studies per origin (``archive``, ``mosmed``, ``cov19ctdb``, ``synthetic``).
+    dataset:
+        Names the dataset (e.g. ``"dataset training v3"``).
+    locked_origins, locked_macro_f1:
+        The locked evaluation set's studies per origin and the macro F1 measured on it once,
+        when there is one.
+
+    Returns
+    -------
+    str
+        E.g. "trained on 120 studies (100 of this node's archive, 20 MosMedData; dataset
+        training v3); tested once on a locked set of 30 patient studies: macro F1 0.81 (internal
+        test, no external validation)", or for phantoms alone "trained on 400 synthetic phantoms
+        (...); not validated on patient data".
+    """
+    n = sum(train_origins.values())
+    parts = [f"{c} {_ORIGIN_WORDS.get(o, o)}" for o, c in sorted(train_origins.items()) if c]
+    if set(o for o, c in train_origins.items() if c) <= {"synthetic"}:
+        trained = f"trained on {n} synthetic phantoms ({dataset})"
+    else:
+        trained = f"trained on {n} studies ({', '.join(parts)}; {dataset})"
+    locked = {o: c for o, c in (locked_origins or {}).items() if c}
+    patients = sum(c for o, c in locked.items() if o != "synthetic")
+    if patients and locked_macro_f1 is not None:
+        return (f"{trained}; tested once on a locked set of {patients} patient studies: macro F1 "
+                f"{locked_macro_f1:.2f} (internal test, no external validation)")
+    tested = "not validated on patient data"
+    if locked and locked_macro_f1 is not None:
+        tested += (f" (locked set of {sum(locked.values())} synthetic phantoms: macro F1 "
+                   f"{locked_macro_f1:.2f})")
+    return f"{trained}; {tested}"
 
 
 def _plain(params: dict[str, Any]) -> dict[str, Any]:

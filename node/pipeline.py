@@ -28,10 +28,10 @@ from sqlalchemy import select
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from model.errors import AnalysisError
+from model.errors import AnalysisError, NoLungsError
 from model.lungs import LungMasks, segment_lungs
 from model.prediction import Prediction
-from model.quantify import OpacityThresholds, Quantification, quantify
+from model.quantify import OpacityThresholds, Quantification, quantify, require_lungs
 from model.volume import CTVolume, load_series_with_headers
 from node.db import (
     AuditEntry,
@@ -114,6 +114,8 @@ def analyse(selected: SelectedSeries, settings: AnalysisSettings,
                                    settings.high_opacity_high_hu)
     quant = quantify(volume, masks, thresholds, normal_below_percent=settings.normal_below_percent)
     timings["quantify"] = time.perf_counter() - t0
+    # an abdominal CT or a scan of one lung: no severity (it would read CT-0), the study is rejected
+    require_lungs(quant, volume.series_instance_uid, min_total_ml=settings.min_lung_volume_ml)
     prediction = None
     if predictor is not None:
         t0 = time.perf_counter()
@@ -196,7 +198,7 @@ def summarise(analysis: Analysis) -> dict[str, Any]:
     p = analysis.prediction
     if p is not None:
         out["model"] = {"name": p.model_name, "version": p.model_version,
-                        "sha256": p.model_sha256, "device": p.device}
+                        "sha256": p.model_sha256, "device": p.device, "validity": p.model_validity}
         out["probabilities"] = {k: round(v, 4) for k, v in p.probabilities.items()}
         out["predicted_class"] = p.predicted_class
         out["p_covid"] = round(p.p_covid, 4)
@@ -299,7 +301,7 @@ def run_job(ctx: NodeContext, claimed: ClaimedJob) -> StudyState:
         if state in (StudyState.COMPLETE, StudyState.DELIVERING) and s.analysis.anonymize:
             archive_series(ctx, claimed.study_id, f"job {claimed.job_id}", selected, uid_map)
         return state
-    except SelectionError as exc:
+    except (SelectionError, NoLungsError) as exc:  # not a chest CT to analyse: rejected, not failed
         with ctx.sessions() as session:
             finish_job_failed(session, claimed.job_id, ctx.owner,
                               str(exc) + _refusals_note(session, claimed.study_id), StudyState.REJECTED)

@@ -187,6 +187,10 @@ class AnalysisSettings(_Section):
     """Percentage of opacity under which a study counts as CT-0."""
     anonymize: bool = True
     """Write the de-identified archive copy of each analysed series (after its results are committed)."""
+    min_lung_volume_ml: float = Field(1000.0, ge=0)
+    """Both lungs together must hold at least this much, and each side must be found, or the study
+    is rejected ("no lungs in the field of view") and no result is sent: an abdominal CT routed here
+    by mistake would otherwise come back as CT-0 (:func:`model.quantify.require_lungs`)."""
 
 
 class ModelSettings(_Section):

@@ -473,3 +473,29 @@ def test_300_slice_study_builds(tiled_study: tuple[Analysis, int], tmp_path: Pat
     assert slices_with_lung <= 300
     assert dciodvfy_errors(paths["seg"]) == []
     assert dciodvfy_errors(paths["sr"]) == []
+
+
+def test_cnn_results_state_the_models_validity(analysis: Analysis,
+                                               built: tuple[ResultObjects, dict[str, Path]]) -> None:
+    """Without a statement on its card a model's results say "validation on patient data not
+    stated" (a TEXT Comment in the CNN group; dciodvfy: test_all_objects_pass_dciodvfy), and a long
+    statement is wrapped under the CNN's class on the summary image."""
+    from model.prediction import DEFAULT_VALIDITY
+    from node.stages.reports.sr import VALIDITY
+    from node.stages.reports.summary import summary_lines
+
+    _, paths = built
+    sr = hd.sr.srread(paths["sr"])
+    cnn = {g.tracking_identifier: g for g in sr.content.get_image_measurement_groups()}["CNN severity"]
+    assert _texts(cnn, VALIDITY) == [DEFAULT_VALIDITY]
+    statement = ("trained on 120 studies (100 of this node's archive, 20 MosMedData; dataset training "
+                 "v3); tested once on a locked set of 30 patient studies: macro F1 0.81")
+    prediction = replace(_prediction(), model_validity=statement)
+    lines = [text for text, _ in summary_lines(analysis.quantification, prediction, "lungnode 0.1.0")]
+    cnn_line = next(i for i, t in enumerate(lines) if t.startswith("CNN class:"))
+    wrapped = []
+    for text in lines[cnn_line + 1:]:
+        if not text.startswith("  ") or text.startswith("  non-COVID"):
+            break
+        wrapped.append(text.strip())
+    assert " ".join(wrapped) == statement and all(len(t) <= 62 for t in wrapped)

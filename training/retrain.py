@@ -83,7 +83,7 @@ from model.errors import ModelError
 from model.manifest import Manifest, ManifestItem, read_manifest
 from model.networks import ARCHITECTURES, build_network
 from model.prediction import CLASS_NAMES
-from model.registry import ModelCard, save_model
+from model.registry import ModelCard, save_model, validity_statement
 from training.dataset import class_balanced_sampler
 from training.evaluate import metrics_from_labels
 from training.losses import SeverityLoss
@@ -625,7 +625,11 @@ def _finish(manifest: Manifest, manifest_path: Path, splits: Any, run_dir: Path,
                        f"labels {dict(counts)}), {len(splits.val)} validation studies (fold 0), "
                        f"{len(splits.locked)} locked evaluation studies. Inputs preprocessed as the manifest "
                        f"says ({pre.get('segmentation', 'segmentation not recorded')})."),
-        intended_use=INTENDED_USE, architecture_params=params, metrics=metrics, training=training)
+        intended_use=INTENDED_USE, architecture_params=params, metrics=metrics, training=training,
+        validity=validity_statement(
+            Counter(i.origin for i in splits.train), dataset=f"dataset {manifest.kind} v{manifest.version}",
+            locked_origins=Counter(i.origin for i in splits.locked),
+            locked_macro_f1=locked.metrics["severity_macro_f1"] if locked is not None else None))
     card = save_model(final, card, registry_dir)
     weights = registry_dir / card.weights_file
     report = write_report(run_dir, title=f"Training run: {name}", summary={

@@ -19,7 +19,9 @@ Content of the Imaging Measurement Report (TID 1500):
 - when the CNN ran, a group (TID 1501, ``CNN severity``) with the predicted
   class, each class probability and P(COVID) = 1 - P(non-COVID), whose
   algorithm identification names the model, its version, ``sha256=`` and the
-  ``device=`` it ran on.
+  ``device=`` it ran on, and the model card's validity statement (what the
+  model was trained on, whether it was validated on patients) as a TEXT item
+  DCM 121106 *Comment* after the class (:data:`VALIDITY`).
 
 A re-analysis references the SR it replaces in Predecessor Documents Sequence.
 The document is COMPLETE, PRELIMINARY and UNVERIFIED: nobody has signed it.
@@ -41,7 +43,7 @@ from model.quantify import LungMeasurement, Quantification
 from node.errors import ReportError
 from node.stages.reports import codes as lc
 
-__all__ = ["CHEST_CT", "GROUP_IDS", "build_sr"]
+__all__ = ["CHEST_CT", "GROUP_IDS", "VALIDITY", "build_sr"]
 
 CHEST_CT = hd.sr.CodedConcept("24627-2", "LN", "CT Chest")
 GROUP_IDS = {"left": "left lung", "right": "right lung", "both": "both lungs", "cnn": "CNN severity"}
@@ -49,6 +51,8 @@ GROUP_IDS = {"left": "left lung", "right": "right lung", "both": "both lungs", "
 
 _CONTAINS = hd.sr.RelationshipTypeValues.CONTAINS
 _SOURCE = hd.sr.CodedConcept("260753009", "SCT", "Source")
+VALIDITY = hd.sr.CodedConcept.from_code(codes.DCM.Comment)
+"""Concept name of the CNN group's TEXT item that holds the model card's validity statement."""
 
 
 def _measurements(m: LungMeasurement) -> list[hd.sr.Measurement]:
@@ -88,7 +92,7 @@ def _prediction_group(p: Prediction) -> hd.sr.MeasurementsAndQualitativeEvaluati
     measurements = [hd.sr.Measurement(name=lc.probability_name(name), value=round(prob, 4),
                                       unit=lc.UNITY) for name, prob in p.probabilities.items()]
     measurements.append(hd.sr.Measurement(name=lc.P_COVID, value=round(p.p_covid, 4), unit=lc.UNITY))
-    return hd.sr.MeasurementsAndQualitativeEvaluations(
+    group = hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(uid=hd.UID(), identifier=GROUP_IDS["cnn"]),
         algorithm_id=algorithm,
         finding_sites=[hd.sr.FindingSite(anatomic_location=lc.LUNG)],
@@ -96,6 +100,10 @@ def _prediction_group(p: Prediction) -> hd.sr.MeasurementsAndQualitativeEvaluati
         qualitative_evaluations=[hd.sr.QualitativeEvaluation(
             name=lc.CNN_CLASS, value=lc.CLASS_CODES[p.predicted_class])],
     )
+    # what the model was trained on and whether it was validated on patients, beside its class
+    group[0].ContentSequence.append(hd.sr.TextContentItem(
+        name=VALIDITY, value=p.model_validity, relationship_type=_CONTAINS))
+    return group
 
 
 def _image_library(images: Sequence[Dataset]) -> hd.sr.ContainerContentItem:

@@ -6,6 +6,8 @@ lung (blue) and opacity (red) tinted and outlined, beside the numbers as
 burned-in text: volume, PO and PHO per lung and in total, the MosMedData
 category, the CNN's class and P(COVID) when a model ran, every quality flag,
 the algorithm and its version, and "NOT FOR DIAGNOSTIC USE WITHOUT REVIEW".
+Under the CNN's class, in yellow, the model card's validity statement (what
+the model was trained on, whether it was validated on patients).
 Text is drawn with Pillow's built-in default font (nothing is downloaded).
 """
 
@@ -84,6 +86,7 @@ def summary_lines(q: Quantification, prediction: Prediction | None, algorithm: s
         lines += [
             ("", _WHITE),
             (f"CNN class: {prediction.predicted_class}   P(COVID) {prediction.p_covid:.2f}", _WHITE),
+            *(("  " + part, _YELLOW) for part in textwrap.wrap(prediction.model_validity, width=60)),
             ("  " + ", ".join(f"{k} {v:.2f}" for k, v in prediction.probabilities.items()), _WHITE),
             (f"  model {prediction.model_name} {prediction.model_version} "
              f"sha256 {prediction.model_sha256[:12]}", _WHITE),
