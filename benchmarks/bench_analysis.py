@@ -25,6 +25,16 @@ the default model cannot be loaded (the node would refuse to start too).
 figures: the numbers are only comparable on an otherwise idle machine.
 
     .venv/bin/python benchmarks/bench_analysis.py [--slices 300 600] [--repeat 3] [--no-cnn]
+
+``--segmenter lungmask --weights PATH`` measures the lung segmentation alone
+instead: for a synthetic 512x512 study of each ``--slices`` count covering the
+chest, the classical method's time and lungmask's (``--model``, ``--threads``,
+``--batch-size``, ``--device``; after a two-slice warm-up), lungmask's seconds
+per slice and what that makes for a 300-slice study.  A random-weights file
+times the same network (it finds no lungs, which is reported).
+
+    .venv/bin/python benchmarks/bench_analysis.py --segmenter lungmask --weights unet_r231.pth \
+        --slices 16 --threads 2 --batch-size 8
 """
 
 from __future__ import annotations
@@ -112,6 +122,49 @@ def decode_floor(dicom_dir: Path) -> float:
 _STAGES = ("load", "segment", "quantify", "cnn", "reports", "write", "whole")
 
 
+def bench_segmenter(args: argparse.Namespace) -> None:
+    """Classical and lungmask segmentation time per study and per slice (see the module docstring)."""
+    import torch
+
+    from model.errors import NoLungsError
+    from model.learned_lungs import LearnedLungs
+    from model.lungs import segment_lungs
+    from model.volume import load_series
+    from training.synth import SynthSpec, write_study
+
+    learned = LearnedLungs(args.model, Path(args.weights), device=args.device, threads=args.threads,
+                           batch_size=args.batch_size)
+    threads = args.threads or torch.get_num_threads()
+    print(f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())} on {os.cpu_count()} CPUs; "
+          f"lungmask {args.model} on {learned.device}, {threads} torch threads, batch {args.batch_size}")
+    tmp = Path(tempfile.mkdtemp(prefix="lungnode-bench-seg-"))
+    try:
+        warm = write_study(tmp / "warm", SynthSpec(seed=7, slices=2, rows=512, slice_thickness_mm=5.0))
+        try:
+            learned.segment(load_series(list(warm.paths)))
+        except NoLungsError:
+            pass
+        print(f"{'slices':>6} {'classical s':>11} {'lungmask s':>10} {'s/slice':>8} "
+              f"{'300 slices s':>12}  note")
+        for n in args.slices:
+            study = write_study(tmp / f"s{n}", SynthSpec(involvement=0.3, seed=7, slices=n, rows=512,
+                                                        slice_thickness_mm=300.0 / n))
+            volume = load_series(list(study.paths))
+            t0 = time.perf_counter()
+            segment_lungs(volume)
+            classical = time.perf_counter() - t0
+            note = ""
+            t0 = time.perf_counter()
+            try:
+                learned.segment(volume)
+            except NoLungsError:
+                note = "lungmask found no lungs (random weights?)"
+            lm = time.perf_counter() - t0
+            print(f"{n:6d} {classical:11.2f} {lm:10.2f} {lm / n:8.2f} {300 * lm / n:12.0f}  {note}")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--slices", type=int, nargs="+", default=[300, 600])
@@ -119,7 +172,18 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3,
                     help="studies analysed one after another by the same process (default 3)")
     ap.add_argument("--child", nargs=2, metavar=("DICOM_DIR", "OUT"))
+    ap.add_argument("--segmenter", choices=["lungmask"], help="time the lung segmentation alone")
+    ap.add_argument("--weights", help="lungmask state dict (.pth) for --segmenter lungmask")
+    ap.add_argument("--model", default="R231", help="lungmask model of --weights (default R231)")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     args = ap.parse_args()
+    if args.segmenter:
+        if not args.weights:
+            ap.error("--segmenter lungmask needs --weights PATH")
+        bench_segmenter(args)
+        return
     if args.child:
         child(args.child[0], args.child[1], not args.no_cnn, args.repeat)
         return

@@ -3,12 +3,20 @@
 # environment in .venv with the package and its pinned dependencies, and the
 # database schema of the default configuration.  Safe to run again.
 #   deploy/setup.sh          # the node
-#   deploy/setup.sh --dev    # the node plus test tools (Orthanc, DCMTK, dicom3tools, pytest)
+#   deploy/setup.sh --dev    # the node plus test tools (Orthanc, DCMTK, dicom3tools, pytest) and lungmask
+#   deploy/setup.sh --lungmask  # the node plus the optional learned lung segmenter (lungmask)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 DEV=0
-[ "${1:-}" = "--dev" ] && DEV=1
+LUNGMASK=0
+for arg in "$@"; do
+  case "$arg" in
+    --dev) DEV=1; LUNGMASK=1 ;;
+    --lungmask) LUNGMASK=1 ;;
+    *) echo "unknown option $arg (use --dev and/or --lungmask)" >&2; exit 2 ;;
+  esac
+done
 
 as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; elif command -v sudo >/dev/null; then sudo "$@"; else
   echo "need root for: $*" >&2; return 1; fi; }
@@ -32,11 +40,14 @@ if [ ! -x .venv/bin/python ]; then
 fi
 # reinstall only when the project's dependencies changed
 stamp=.venv/.lungnode-installed
-want=$(cat pyproject.toml | sha256sum | cut -d' ' -f1)-$DEV
+want=$(cat pyproject.toml | sha256sum | cut -d' ' -f1)-$DEV-$LUNGMASK
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   .venv/bin/python -m pip install -q --upgrade pip >/dev/null
-  if [ "$DEV" -eq 1 ]; then
-    .venv/bin/python -m pip install -q -e ".[dev]"
+  extras=()
+  [ "$DEV" -eq 1 ] && extras+=(dev)
+  [ "$LUNGMASK" -eq 1 ] && extras+=(lungmask)
+  if [ ${#extras[@]} -gt 0 ]; then
+    .venv/bin/python -m pip install -q -e ".[$(IFS=,; echo "${extras[*]}")]"
   else
     .venv/bin/python -m pip install -q -e .
   fi

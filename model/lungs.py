@@ -45,7 +45,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import cv2
 import numpy as np
@@ -56,12 +56,45 @@ from model.errors import NoLungsError
 from model.pleura import close_radially, fill_along_pleura
 from model.volume import CTVolume
 
-__all__ = ["LungMasks", "LungParams", "block_mean", "expand_slices", "segment_lungs", "slice_group",
+__all__ = ["LungMasks", "LungParams", "SegmentationMethod", "block_mean", "expand_slices",
+           "segment_lungs", "slice_group",
            "upsample_mask", "work_grid_factors"]
 
 logger = logging.getLogger(__name__)
 
 _SQUARE = np.ones((3, 3), dtype=bool)
+
+
+@dataclass(frozen=True)
+class SegmentationMethod:
+    """The segmenter that made a :class:`LungMasks`, as the results name it.
+
+    ``name`` is ``"classical"`` (:func:`segment_lungs`) or ``"lungmask"``
+    (:mod:`model.learned_lungs`); ``model`` and ``weights_sha256`` name the
+    network and its weights file; ``note`` says why this method ran where a
+    choice was made (``method = "auto"``, a fallback).
+    """
+
+    name: str = "classical"
+    model: str | None = None
+    weights_sha256: str | None = None
+    note: str | None = None
+
+    def parameters(self) -> list[str]:
+        """The method as algorithm parameters (TID 4019 TEXT items) of the SR."""
+        out = [f"lung segmentation {self.name}" + (f" {self.model}" if self.model else "")]
+        if self.weights_sha256:
+            out.append(f"lung segmentation weights sha256={self.weights_sha256}")
+        if self.note:
+            out.append(f"lung segmentation: {self.note}")
+        return out
+
+    def describe(self) -> str:
+        """One line: ``classical`` or ``lungmask R231 (weights sha256 d5d2fc3d...)``."""
+        text = self.name if self.model is None else f"{self.name} {self.model}"
+        if self.weights_sha256:
+            text += f" (weights sha256 {self.weights_sha256})"
+        return text
 
 
 @dataclass(frozen=True, eq=False)
@@ -77,6 +110,12 @@ class LungMasks:
     box: tuple[slice, slice, slice] | None = None
     """A box (z, y, x slices) that holds every voxel of both masks, when the segmentation knows
     one (it saves the quantification a pass over the masks); ``None``: not known."""
+    method: SegmentationMethod = field(default_factory=lambda: SegmentationMethod())
+    """Which segmenter made the masks (classical, or lungmask with its model and weights)."""
+    lobes: np.ndarray | None = None
+    """``uint8`` label volume on the volume's grid when a lobe model made the masks (lungmask's
+    LTRCLobes labels: 1 left upper, 2 left lower, 3 right upper, 4 right middle, 5 right lower
+    lobe, 0 elsewhere); ``None``: no lobes."""
 
     @property
     def both(self) -> np.ndarray:

@@ -83,6 +83,26 @@ def _load_predictor(s: Settings):  # type: ignore[no-untyped-def]
     return engine.predict
 
 
+def _load_segmenter(s: Settings):  # type: ignore[no-untyped-def]
+    """The lung segmenter of ``[segmentation]``, its weights loaded and checked once.
+
+    Exit code 2 with the reason when lungmask is configured, cannot be opened
+    and no ``fallback = "classical"`` is set.
+    """
+    from model.errors import ModelError
+    from model.learned_lungs import open_segmenter
+
+    g = s.segmentation
+    try:
+        return open_segmenter(g.method, model=g.model, weights=g.weights, fusion_weights=g.fusion_weights,
+                              fallback=g.fallback, device=g.device, threads=g.threads,
+                              batch_size=g.batch_size, budget_seconds=g.auto_budget_seconds)
+    except ModelError as exc:
+        _error(f"lung segmentation: {exc}\n"
+               "Fix [segmentation] in the configuration, or set fallback = \"classical\".")
+        raise typer.Exit(2) from exc
+
+
 def warm_up_study(folder: Path) -> tuple[Path, ...]:
     """The workers' warm-up study: 60 slices of 128x128 from the phantom generator (2 MB).
 
@@ -102,7 +122,7 @@ def serve(config: ConfigOpt = None) -> None:
     if config is not None:
         _state.config = config
     s = _settings()
-    node = Node(s, _load_predictor(s), warm_up_study=warm_up_study)
+    node = Node(s, _load_predictor(s), warm_up_study=warm_up_study, segmenter=_load_segmenter(s))
     try:
         node.start()
     except ConfigError as exc:
@@ -129,7 +149,8 @@ def worker(config: ConfigOpt = None) -> None:
     if config is not None:
         _state.config = config
     s = _settings()
-    node = Node(s, _load_predictor(s), receive=False, schedule=False, warm_up_study=warm_up_study)
+    node = Node(s, _load_predictor(s), receive=False, schedule=False, warm_up_study=warm_up_study,
+                segmenter=_load_segmenter(s))
     node.start()
     signal.signal(signal.SIGTERM, lambda *_: node.stopping.set())
     signal.signal(signal.SIGINT, lambda *_: node.stopping.set())
@@ -331,7 +352,7 @@ def analyze(dicom_dir: Path, out: Annotated[Path, typer.Option("--out", help="ou
     try:
         stored = _folder_study(dicom_dir)
         selected = select_series(stored, selection_rules(s.selection))
-        analysis = analyse(selected, s.analysis, _load_predictor(s))
+        analysis = analyse(selected, s.analysis, _load_predictor(s), _load_segmenter(s))
         paths = write_results(report(analysis), out)
     except (LungnodeError, AnalysisError) as exc:
         _error(f"{type(exc).__name__}: {exc}")

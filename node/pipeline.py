@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import psutil
 import pydicom
 from pydicom.dataset import Dataset
@@ -29,7 +30,8 @@ from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from model.errors import AnalysisError, NoLungsError
-from model.lungs import LungMasks, segment_lungs
+from model.learned_lungs import LOBE_NAMES, LungSegmenter
+from model.lungs import LungMasks
 from model.prediction import Prediction
 from model.quantify import OpacityThresholds, Quantification, quantify, require_lungs
 from model.volume import CTVolume, load_series_with_headers
@@ -100,20 +102,22 @@ def selection_rules(s: SelectionSettings) -> SelectionRules:
 
 
 def analyse(selected: SelectedSeries, settings: AnalysisSettings,
-            predictor: Predictor | None = None) -> Analysis:
-    """Load, segment, quantify and (when a predictor is given) classify one series."""
+            predictor: Predictor | None = None, segmenter: LungSegmenter | None = None) -> Analysis:
+    """Load, segment, quantify and (when a predictor is given) classify one series.
+
+    ``segmenter`` chooses the lung segmentation (:class:`model.learned_lungs.LungSegmenter`,
+    ``None``: the classical method).
+    """
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     volume, headers = load_series_with_headers(list(selected.paths))
     timings["load"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    masks = segment_lungs(volume)
-    timings["segment"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
     thresholds = OpacityThresholds(settings.opacity_low_hu, settings.opacity_high_hu,
                                    settings.high_opacity_high_hu)
-    quant = quantify(volume, masks, thresholds, normal_below_percent=settings.normal_below_percent)
-    timings["quantify"] = time.perf_counter() - t0
+    # classical, lungmask or auto ([segmentation]); timings segment / segment_lungmask / quantify
+    masks, quant, seg_timings = (segmenter or LungSegmenter()).run(
+        volume, lambda m: quantify(volume, m, thresholds, normal_below_percent=settings.normal_below_percent))
+    timings.update(seg_timings)
     # an abdominal CT or a scan of one lung: no severity (it would read CT-0), the study is rejected
     require_lungs(quant, volume.series_instance_uid, min_total_ml=settings.min_lung_volume_ml)
     prediction = None
@@ -169,7 +173,7 @@ def warm_up(ctx: NodeContext, write_study: WarmUpStudy) -> float:
         paths = tuple(sorted(write_study(Path(tmp) / "study")))
         first = pydicom.dcmread(paths[0], stop_before_pixels=True)
         selected = SelectedSeries(str(first.StudyInstanceUID), str(first.SeriesInstanceUID), paths, "warm-up")
-        analysis = analyse(selected, ctx.settings.analysis, ctx.predictor)
+        analysis = analyse(selected, ctx.settings.analysis, ctx.predictor, ctx.segmenter)
         write_results(report(analysis), Path(tmp) / "results")
     return time.perf_counter() - t0
 
@@ -193,6 +197,7 @@ def summarise(analysis: Analysis) -> dict[str, Any]:
         "severity_category": q.severity_category,
         "quality_flags": list(q.quality_flags),
         "algorithm": {"name": ALGORITHM_NAME, "version": ALGORITHM_VERSION},
+        "segmentation": _segmentation_summary(analysis.masks, analysis.volume.voxel_volume_ml),
         "timings_s": {k: round(v, 3) for k, v in analysis.timings.items()},
     }
     p = analysis.prediction
@@ -202,6 +207,19 @@ def summarise(analysis: Analysis) -> dict[str, Any]:
         out["probabilities"] = {k: round(v, 4) for k, v in p.probabilities.items()}
         out["predicted_class"] = p.predicted_class
         out["p_covid"] = round(p.p_covid, 4)
+    return out
+
+
+def _segmentation_summary(masks: LungMasks, voxel_ml: float) -> dict[str, Any]:
+    """The segmenter that made the masks: method, model, weights' sha256, why (and lobes' volumes)."""
+    m = masks.method
+    out: dict[str, Any] = {"method": m.name, "model": m.model, "weights_sha256": m.weights_sha256}
+    if m.note:
+        out["note"] = m.note
+    if masks.lobes is not None:
+        counts = np.bincount(masks.lobes.ravel(), minlength=6)
+        out["lobes_ml"] = {LOBE_NAMES[i]: round(float(counts[i]) * voxel_ml, 1)
+                           for i in LOBE_NAMES}
     return out
 
 
@@ -229,6 +247,8 @@ class NodeContext:
     on_results: Callable[[], None] | None = None
     """Called once a job's results are committed (the node sends them at once instead of at its
     next outbox tick); an error it raises is logged, not the job's."""
+    segmenter: LungSegmenter | None = None
+    """The lung segmenter (``[segmentation]``, weights loaded once); ``None``: classical."""
 
 
 def _anonymization_salt(archive_root: Path) -> str:
@@ -283,7 +303,7 @@ def run_job(ctx: NodeContext, claimed: ClaimedJob) -> StudyState:
         with _Heartbeat(ctx, claimed.job_id) as heartbeat:
             selected = select_series(stored, selection_rules(s.selection))
             _record_selection(ctx, claimed, selected)
-            analysis = analyse(selected, s.analysis, ctx.predictor)
+            analysis = analyse(selected, s.analysis, ctx.predictor, ctx.segmenter)
             predecessor = (pydicom.dcmread(previous_sr_path, stop_before_pixels=True)
                            if previous_sr_path and previous_sr_path.exists() else None)
             objects = report(analysis, version=version, predecessor_sr=predecessor)

@@ -23,6 +23,7 @@ from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, SQLAlch
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.orm import Session, sessionmaker
 
+from model.learned_lungs import LungSegmenter
 from node.db import make_engine, make_session_factory, utcnow
 from node.dicom.catalog import Catalog
 from node.dicom.scp import StoreSCP
@@ -132,18 +133,21 @@ class Node:
     warm_up_study:
         Writes the small study the workers analyse once at start (``[worker] warm_up``); ``None``:
         no warm-up.
+    segmenter:
+        The lung segmenter of ``[segmentation]``, its weights loaded (``None``: classical).
     """
 
     def __init__(self, settings: Settings, predictor: Predictor | None = None, *,
                  receive: bool = True, work: bool = True, schedule: bool = True,
-                 warm_up_study: WarmUpStudy | None = None) -> None:
+                 warm_up_study: WarmUpStudy | None = None, segmenter: LungSegmenter | None = None) -> None:
         self.settings = settings
         self._warm_up_study = warm_up_study
         self.engine = make_engine(settings.database.url, echo=settings.database.echo,
                                   durable=settings.storage.fsync)
         self.sessions: sessionmaker[Session] = make_session_factory(self.engine)
         self.owner = lease_owner()
-        self.ctx = NodeContext(settings, self.sessions, self.owner, predictor, on_results=self.deliver_soon)
+        self.ctx = NodeContext(settings, self.sessions, self.owner, predictor, on_results=self.deliver_soon,
+                               segmenter=segmenter)
         self.store = InstanceStore(settings.storage.root, min_free_mb=settings.storage.min_free_mb,
                                    fsync=settings.storage.fsync, overwrite=settings.storage.overwrite,
                                    max_inflated_mb=settings.storage.max_inflated_mb)

@@ -34,6 +34,7 @@ __all__ = [
     "ModelSettings",
     "Peer",
     "RetentionSettings",
+    "SegmentationSettings",
     "SelectionSettings",
     "Settings",
     "StorageSettings",
@@ -193,6 +194,36 @@ class AnalysisSettings(_Section):
     by mistake would otherwise come back as CT-0 (:func:`model.quantify.require_lungs`)."""
 
 
+class SegmentationSettings(_Section):
+    """The lung segmenter (:mod:`model.lungs`, :mod:`model.learned_lungs`)."""
+
+    method: Literal["classical", "lungmask", "auto"] = "classical"
+    """``classical``: the threshold and morphology method (about a second per study);
+    ``lungmask``: the lungmask U-Net for every study (about a second per slice on a CPU);
+    ``auto``: classical first, lungmask only where the classical result cannot be trusted
+    (extensive opacity, implausible volume, one side missing) within ``auto_budget_seconds``,
+    and lungmask for every study when a GPU is used."""
+    model: Literal["R231", "R231CovidWeb", "LTRCLobes"] = "R231"
+    """The lungmask model whose weights ``weights`` holds (LTRCLobes: five lobes)."""
+    weights: Path | None = None
+    """Local lungmask state dict (``.pth``, as published, e.g. ``unet_r231-d5d2fc3d.pth``); a
+    sha256 prefix in the name is checked. Nothing is ever downloaded."""
+    fusion_weights: Path | None = None
+    """LTRCLobes only: an R231 state dict for lungmask's fusion (lobes filled to the R231 outline)."""
+    fallback: Literal["classical"] | None = None
+    """``classical``: when the weights are missing or do not load, run the classical method
+    (every result says so) instead of refusing to start."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """``auto``: CUDA when available, else the CPU."""
+    threads: int | None = Field(None, ge=1)
+    """torch CPU threads while lungmask runs (``None``: torch's default, one per core)."""
+    batch_size: int = Field(8, ge=1)
+    """Slices per lungmask forward pass."""
+    auto_budget_seconds: float = Field(300.0, gt=0)
+    """``auto`` on a CPU: lungmask runs only when its estimated time (slices x measured seconds
+    per slice) is within this; otherwise the classical result is kept, with a note."""
+
+
 class ModelSettings(_Section):
     """The severity CNN (:mod:`model.inference`)."""
 
@@ -330,6 +361,7 @@ class Settings(BaseSettings):
     worker: WorkerSettings = Field(default_factory=lambda: WorkerSettings())
     selection: SelectionSettings = Field(default_factory=lambda: SelectionSettings())
     analysis: AnalysisSettings = Field(default_factory=lambda: AnalysisSettings())
+    segmentation: SegmentationSettings = Field(default_factory=lambda: SegmentationSettings())
     model: ModelSettings = Field(default_factory=lambda: ModelSettings())
     peers: list[Peer] = Field(default_factory=list)
     delivery: DeliverySettings = Field(default_factory=lambda: DeliverySettings())
@@ -398,6 +430,29 @@ def _resolve_sqlite(base: Path, url: str) -> str:
     return url
 
 
+def _check_segmentation(seg: SegmentationSettings, base: Path) -> None:
+    """Resolve the lungmask weights' paths; refuse missing ones unless the fallback is classical.
+
+    Whether a file loads and has the model's classes is checked where it is loaded
+    (:class:`model.learned_lungs.LearnedLungs`, when the node or ``analyze`` starts).
+    """
+    for key in ("weights", "fusion_weights"):
+        value = getattr(seg, key)
+        if value is not None:
+            setattr(seg, key, _resolve(base, value))
+    if seg.method == "classical" or seg.fallback == "classical":
+        return
+    if seg.weights is None:
+        raise ConfigError(f"[segmentation] method = {seg.method!r} needs weights = PATH (a local "
+                          f"lungmask {seg.model} .pth file), or fallback = \"classical\"")
+    for key in ("weights", "fusion_weights"):
+        value = getattr(seg, key)
+        if value is not None and not value.is_file():
+            raise ConfigError(f"[segmentation] {key} {value} does not exist; download the published "
+                              f"lungmask file once and point {key} to it, or set fallback = "
+                              "\"classical\" to run the classical method until it is there")
+
+
 def load_settings(path: Path | None = None) -> Settings:
     """Read the TOML file, apply environment overrides, resolve relative paths.
 
@@ -427,6 +482,7 @@ def load_settings(path: Path | None = None) -> Settings:
         settings.model.registry = _resolve(base, settings.model.registry)
     if settings.training.root is not None:
         settings.training.root = _resolve(base, settings.training.root)
+    _check_segmentation(settings.segmentation, base)
     for key in ("tls_certificate", "tls_key", "tls_ca_file"):
         value = getattr(settings.dicom, key)
         if value is not None:

@@ -105,7 +105,7 @@ def build_reports(ctx: ReportContext, source_headers: Sequence[Dataset]) -> Resu
     started = time.perf_counter()
     sources = clean_headers(source_headers)
     base = ctx.series_number_base + 10 * (ctx.version - 1)
-    algorithm = f"{ctx.algorithm_name} {ctx.algorithm_version}"
+    algorithm = f"{ctx.algorithm_name} {ctx.algorithm_version}\nlungs: {ctx.masks.method.describe()}"
     seg = build_segmentation(sources, ctx.masks, ctx.quantification.opacity_mask,
                              algorithm_name=ctx.algorithm_name,
                              algorithm_version=ctx.algorithm_version, series_number=base + 1,
@@ -113,7 +113,8 @@ def build_reports(ctx: ReportContext, source_headers: Sequence[Dataset]) -> Resu
     sr = build_sr(sources, seg, ctx.quantification, ctx.prediction,
                   algorithm_name=ctx.algorithm_name, algorithm_version=ctx.algorithm_version,
                   series_number=base, manufacturer=ctx.manufacturer,
-                  institution_name=ctx.institution_name, predecessor=ctx.predecessor_sr)
+                  institution_name=ctx.institution_name, predecessor=ctx.predecessor_sr,
+                  segmentation=ctx.masks.method.parameters())
     summary = build_summary(sources[len(sources) // 2], ctx.volume, ctx.masks, ctx.quantification,
                             ctx.prediction, algorithm=algorithm, series_number=base + 2,
                             manufacturer=ctx.manufacturer, institution_name=ctx.institution_name)

@@ -153,7 +153,8 @@ def _check_predecessor(predecessor: Dataset, study_uid: str) -> None:
 def build_sr(evidence: Sequence[Dataset], seg: hd.seg.Segmentation, quantification: Quantification,
              prediction: Prediction | None, *, algorithm_name: str, algorithm_version: str,
              series_number: int, manufacturer: str, institution_name: str | None = None,
-             predecessor: Dataset | None = None) -> hd.sr.Comprehensive3DSR:
+             predecessor: Dataset | None = None,
+             segmentation: Sequence[str] = ()) -> hd.sr.Comprehensive3DSR:
     """The TID 1500 measurement report of one analysis.
 
     Parameters
@@ -170,6 +171,10 @@ def build_sr(evidence: Sequence[Dataset], seg: hd.seg.Segmentation, quantificati
         Series and equipment attributes of the new object.
     predecessor:
         The SR this one replaces (its header suffices), or ``None``.
+    segmentation:
+        Parameters naming the lung segmenter, its model and weights' sha256
+        (:meth:`model.lungs.SegmentationMethod.parameters`), added to the
+        quantitative algorithm's identification.
 
     Raises
     ------
@@ -187,7 +192,8 @@ def build_sr(evidence: Sequence[Dataset], seg: hd.seg.Segmentation, quantificati
     quant_algorithm = hd.sr.AlgorithmIdentification(
         name=f"{algorithm_name} quantitative HU threshold", version=algorithm_version,
         parameters=[f"opacity {q.thresholds.opacity_low:g}..{q.thresholds.high_opacity_high:g} HU",
-                    f"high opacity {q.thresholds.opacity_high:g}..{q.thresholds.high_opacity_high:g} HU"])
+                    f"high opacity {q.thresholds.opacity_high:g}..{q.thresholds.high_opacity_high:g} HU",
+                    *segmentation])
     # the source series, not every source image: those are in the image library once
     source_series = hd.sr.SourceSeriesForSegmentation(str(evidence[0].SeriesInstanceUID))
     groups: list[hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations

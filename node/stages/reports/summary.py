@@ -101,7 +101,10 @@ def summary_lines(q: Quantification, prediction: Prediction | None, algorithm: s
             lines += [(("! " if i == 0 else "  ") + part, _YELLOW) for i, part in enumerate(wrapped)]
     lines += [("", _WHITE), ("green: left lung, blue: right lung", _WHITE),
               ("red: opacity (counted in PO)", _OPACITY),
-              ("", _WHITE), (algorithm, _WHITE), (DISCLAIMER, _YELLOW)]
+              ("", _WHITE),
+              # the algorithm, then the lung segmenter with its model and weights' sha256
+              *((part, _WHITE) for line in algorithm.split("\n") for part in textwrap.wrap(line, width=60)),
+              (DISCLAIMER, _YELLOW)]
     return lines
 
 
