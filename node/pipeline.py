@@ -173,7 +173,9 @@ def warm_up(ctx: NodeContext, write_study: WarmUpStudy) -> float:
         paths = tuple(sorted(write_study(Path(tmp) / "study")))
         first = pydicom.dcmread(paths[0], stop_before_pixels=True)
         selected = SelectedSeries(str(first.StudyInstanceUID), str(first.SeriesInstanceUID), paths, "warm-up")
-        analysis = analyse(selected, ctx.settings.analysis, ctx.predictor, ctx.segmenter)
+        # the classical segmentation: a lungmask run here (a minute on a CPU) would hold the
+        # segmenter while the first real study waits
+        analysis = analyse(selected, ctx.settings.analysis, ctx.predictor)
         write_results(report(analysis), Path(tmp) / "results")
     return time.perf_counter() - t0
 

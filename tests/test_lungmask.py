@@ -47,6 +47,7 @@ from model.quantify import OpacityThresholds, Quantification, quantify
 from model.volume import CTVolume, load_series
 from node.cli import app
 from node.errors import ConfigError
+from node.pipeline import _segmentation_summary as segmentation_summary
 from node.settings import load_settings
 from tests.conftest import write_config
 from tests.test_reports import dciodvfy_errors
@@ -68,8 +69,11 @@ def _x(hu: float) -> float:
     return (hu + 1024.0) / 1624.0
 
 
-def band_state_dict(classes: int = 3) -> dict[str, torch.Tensor]:
-    """A U-Net state dict that labels each pixel by its HU (:data:`BANDS`; see the module docstring)."""
+def band_state_dict(classes: int = 3, bands: dict[int, tuple[float, ...]] | None = None
+                    ) -> dict[str, torch.Tensor]:
+    """A U-Net state dict that labels each pixel by its HU (``bands``, default :data:`BANDS`: class
+    to the HU trapezoid where it wins; see the module docstring)."""
+    bands = BANDS if bands is None else bands
     sd = _unet(classes).state_dict()
     for key, value in sd.items():
         if key.endswith("running_var") or key.endswith(".2.weight") or key.endswith(".5.weight"):
@@ -81,7 +85,7 @@ def band_state_dict(classes: int = 3) -> dict[str, torch.Tensor]:
         sd[first + conv + ".weight"].zero_()
         sd[first + conv + ".bias"].zero_()
         sd[first + conv + ".weight"][0, 0, 1, 1] = 1.0
-    knots = [_x(v) for band in BANDS.values() for v in band]
+    knots = [_x(v) for band in bands.values() for v in band]
     for conv in ("0", "3"):
         sd[up + conv + ".weight"].zero_()
         sd[up + conv + ".bias"].zero_()
@@ -92,7 +96,7 @@ def band_state_dict(classes: int = 3) -> dict[str, torch.Tensor]:
     sd["last.weight"].zero_()
     sd["last.bias"].zero_()
     height = 1000.0
-    for j, (cls, band) in enumerate(BANDS.items()):
+    for j, (cls, band) in enumerate(bands.items()):
         scale = height / (_x(band[1]) - _x(band[0]))
         for k, sign in enumerate((1.0, -1.0, -1.0, 1.0)):  # a trapezoid of four ramps
             sd["last.weight"][cls, 4 * j + k, 0, 0] = sign * scale
@@ -105,8 +109,10 @@ def weights(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     folder = tmp_path_factory.mktemp("weights")
     torch.manual_seed(0)
     out = {"band": folder / "band-r231.pth", "random3": folder / "random-r231.pth",
-           "random6": folder / "random-ltrclobes.pth"}
+           "random6": folder / "random-ltrclobes.pth", "lobes": folder / "band-ltrclobes.pth"}
     torch.save(band_state_dict(), out["band"])
+    # the right lung's HU band as lobe 4 (right middle), the left's as lobe 2 (left lower)
+    torch.save(band_state_dict(6, {4: BANDS[1], 2: BANDS[2]}), out["lobes"])
     torch.save(_unet(3).state_dict(), out["random3"])
     torch.save(_unet(6).state_dict(), out["random6"])
     return out
@@ -250,6 +256,21 @@ def test_fallback_to_classical_says_so(chest: CTVolume, tmp_path: Path) -> None:
     assert masks.method.note is not None and "lungmask unavailable" in masks.method.note
     assert str(missing) in masks.method.note and "segment" in timings
     assert open_segmenter("classical").method == "classical"
+
+
+def test_lobes_map_to_their_sides_and_stay_on_the_result(weights: dict[str, Path]) -> None:
+    six, right = _phantom(flip=True)
+    volume = replace(six, hu=six.hu[:3].copy(), sop_instance_uids=six.sop_instance_uids[:3])
+    lobes_model = LearnedLungs("LTRCLobes", weights["lobes"], device="cpu", threads=2)
+    masks = lobes_model.segment(volume)
+    assert masks.method.model == "LTRCLobes"
+    assert masks.lobes is not None and set(np.unique(masks.lobes)) == {0, 2, 4}
+    assert _dice(masks.right, right[:3]) > 0.95 and _dice(masks.left, volume.hu == LEFT_HU) > 0.95
+    assert ((masks.lobes == 4) == masks.right).all() and ((masks.lobes == 2) == masks.left).all()
+    summary = segmentation_summary(masks, volume.voxel_volume_ml)
+    right_ml = round(float(masks.right.sum()) * volume.voxel_volume_ml, 1)
+    assert summary["lobes_ml"]["right middle lobe"] == right_ml
+    assert summary["lobes_ml"]["right upper lobe"] == 0.0
 
 
 def test_a_body_without_lungs_gives_a_segmentation_error(band: LearnedLungs) -> None:
