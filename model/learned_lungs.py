@@ -58,8 +58,10 @@ _LEFT_LOBES = (1, 2)
 _RIGHT_LOBES = (3, 4, 5)
 
 CPU_SECONDS_PER_SLICE = 1.0
-"""First estimate of lungmask's time per slice on a CPU (measured on the 2-core build machine:
-0.9-1.0 s per 512x512 slice, 2 threads, batch 8), refined by every run."""
+"""First estimate of lungmask's time per slice on a CPU, refined by every run (the mean of the
+estimate and the run's figure).  Measured on the 2-core build machine (``benchmarks/
+bench_analysis.py --segmenter lungmask``, 2 threads, batch 8): 0.45 s per 512x512 slice when idle,
+0.97 s with another process busy on the CPUs; the first estimate takes the busy figure."""
 
 _HASH_IN_NAME = re.compile(r"-([0-9a-f]{8,64})\.[A-Za-z0-9]+$")
 """torch hub's convention: ``name-<sha256 prefix>.pth`` (at least 8 hex digits here, so a name
