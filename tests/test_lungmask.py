@@ -245,6 +245,18 @@ def test_auto_keeps_classical_for_a_clean_study_and_within_its_budget(
     assert "right lung missing or small" in masks2.method.note and "over the 5 s budget" in masks2.method.note
 
 
+def test_auto_on_a_gpu_runs_lungmask_for_every_study(weights: dict[str, Path]) -> None:
+    """The choice only: the segmenter is told it runs on CUDA (none here; the network runs on the CPU)."""
+    learned = LearnedLungs("R231", weights["band"], device="cpu", threads=2)
+    learned.device = "cuda"
+    six, right = _phantom(flip=False)
+    volume = replace(six, hu=six.hu[:2].copy(), sop_instance_uids=six.sop_instance_uids[:2])
+    masks, _, timings = LungSegmenter("auto", learned, budget_seconds=0.001).run(volume, _measure(volume))
+    assert masks.method.name == "lungmask" and "segment" not in timings
+    assert masks.method.note == "auto: lungmask on the GPU for every study"
+    assert _dice(masks.right, right[:2]) > 0.95
+
+
 def test_fallback_to_classical_says_so(chest: CTVolume, tmp_path: Path) -> None:
     missing = tmp_path / "unet_r231-d5d2fc3d.pth"
     with pytest.raises(WeightsError, match="do not exist"):
