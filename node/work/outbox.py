@@ -39,7 +39,7 @@ import json
 import logging
 import threading
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -72,6 +72,7 @@ __all__ = [
     "requeue_deliveries",
     "retry_delivery",
     "settle_study",
+    "delivered_at",
     "study_delivered_at",
 ]
 
@@ -390,25 +391,38 @@ def settle_study(session: Session, study_id: int, actor: str = "outbox") -> Stud
     return new
 
 
-def study_delivered_at(session: Session, study_id: int) -> datetime | None:
-    """When the last delivery of the study's latest results was acknowledged.
+def delivered_at(session: Session, study_ids: Sequence[int]) -> dict[int, datetime | None]:
+    """When every result object of each study's latest results was acknowledged (latest ``sent_at``).
 
-    ``None`` unless every delivery of the latest result version is ``sent``:
-    one is pending, sending or dead, or the latest results have no deliveries
-    at all (no destinations were configured when they were made), or the study
-    has no results.  Deliveries of superseded versions are not considered.
+    ``None`` for a study whose latest results have a delivery pending, sending or
+    dead; studies without results, or whose latest results have no deliveries at
+    all (no destinations were configured when they were made), are left out.
+    Deliveries of superseded versions are not considered.  One query per 500 studies.
     """
-    study = session.get(Study, study_id)
-    if study is None or study.result_version == 0:
-        return None
-    rows = session.execute(
-        select(Delivery.state, Delivery.sent_at)
-        .join(ResultObject, ResultObject.id == Delivery.result_object_id)
-        .where(ResultObject.study_id == study_id,
-               ResultObject.version == study.result_version)).all()
-    if not rows or any(state != DeliveryState.SENT or at is None for state, at in rows):
-        return None
-    return max(at for _, at in rows if at is not None)
+    rows: dict[int, list[tuple[int, DeliveryState | None, datetime | None]]] = defaultdict(list)
+    ids = list(study_ids)
+    for start in range(0, len(ids), 500):
+        for sid, version, state, sent in session.execute(
+            select(ResultObject.study_id, ResultObject.version, Delivery.state, Delivery.sent_at)
+            .outerjoin(Delivery, Delivery.result_object_id == ResultObject.id)
+            .where(ResultObject.study_id.in_(ids[start:start + 500]))
+        ):
+            rows[sid].append((version, state, sent))
+    out: dict[int, datetime | None] = {}
+    for sid, found in rows.items():
+        latest = max(v for v, _s, _t in found)
+        deliveries = [(s, t) for v, s, t in found if v == latest and s is not None]
+        if not deliveries:
+            continue
+        done = all(s == DeliveryState.SENT and t is not None for s, t in deliveries)
+        out[sid] = max(t for _s, t in deliveries if t is not None) if done else None
+    return out
+
+
+def study_delivered_at(session: Session, study_id: int) -> datetime | None:
+    """When the last delivery of the study's latest results was acknowledged; ``None`` unless
+    all were (see :func:`delivered_at`)."""
+    return delivered_at(session, [study_id]).get(study_id)
 
 
 def _requeue(session: Session, d: Delivery, actor: str, why: str) -> int:

@@ -69,6 +69,7 @@ from node.dicom.storage import validate_uid
 from node.errors import StorageError
 from node.settings import Settings
 from node.work.claim import for_update
+from node.work.outbox import delivered_at
 
 __all__ = ["DiskUsage", "PurgeItem", "PurgePlan", "PurgeReport", "delivered_at", "disk_usage",
            "execute_plan", "plan_purge", "purge"]
@@ -167,35 +168,6 @@ class _Done:
 def _chunks(values: Sequence[int]) -> Iterable[Sequence[int]]:
     for i in range(0, len(values), _CHUNK):
         yield values[i:i + _CHUNK]
-
-
-def delivered_at(session: Session, study_ids: Sequence[int]) -> dict[int, datetime | None]:
-    """When every result object of each study's latest version was delivered (latest ``sent_at``).
-
-    ``None`` for a study whose latest results have a delivery not yet sent (or dead); studies
-    whose latest results have no delivery rows at all (no destinations) or that have no results
-    are left out of the answer.  (The same rule as ``node.work.outbox.study_delivered_at``, for
-    many studies in one query; the two should be merged.)
-    """
-    rows: dict[int, list[tuple[int, DeliveryState | None, datetime | None]]] = defaultdict(list)
-    for chunk in _chunks(study_ids):
-        for sid, version, state, sent in session.execute(
-            select(ResultObject.study_id, ResultObject.version, Delivery.state, Delivery.sent_at)
-            .outerjoin(Delivery, Delivery.result_object_id == ResultObject.id)
-            .where(ResultObject.study_id.in_(chunk))
-        ):
-            rows[sid].append((version, state, sent))
-    out: dict[int, datetime | None] = {}
-    for sid, found in rows.items():
-        latest = max(v for v, _s, _t in found)
-        deliveries = [(s, t) for v, s, t in found if v == latest and s is not None]
-        if not deliveries:
-            continue
-        if all(s == DeliveryState.SENT and t is not None for s, t in deliveries):
-            out[sid] = max(t for _s, t in deliveries if t is not None)
-        else:
-            out[sid] = None
-    return out
 
 
 def _blocked(settings: Settings) -> ColumnElement[bool]:
