@@ -20,13 +20,17 @@ from model.lungs import LungMasks, block_mean, slice_group, upsample_mask
 from model.volume import CTVolume
 
 __all__ = [
+    "LOBES",
     "MIN_SIDE_ML",
+    "LobeMeasurement",
     "LungMeasurement",
     "OpacityThresholds",
     "Quantification",
     "QuantifyParams",
     "category_for",
+    "ctss_score",
     "image_noise_hu",
+    "measure_lobes",
     "quantify",
     "require_lungs",
 ]
@@ -80,6 +84,27 @@ class LungMeasurement:
     """Percentage of the lung volume above ``opacity_high`` up to ``high_opacity_high`` HU."""
 
 
+LOBES: dict[int, str] = {1: "left upper lobe", 2: "left lower lobe", 3: "right upper lobe",
+                         4: "right middle lobe", 5: "right lower lobe"}
+"""Lobe labels of :attr:`model.lungs.LungMasks.lobes` (lungmask's LTRCLobes) and their names."""
+
+
+@dataclass(frozen=True)
+class LobeMeasurement:
+    """Measurements of one lobe and its CT severity score (:func:`ctss_score`)."""
+
+    label: int
+    """The lobe's label in :attr:`model.lungs.LungMasks.lobes` (a key of :data:`LOBES`)."""
+    measurement: LungMeasurement
+    score: int
+    """CTSS lobe score 0-5 from ``measurement.percent_opacity``."""
+
+    @property
+    def name(self) -> str:
+        """``left upper lobe`` ... ``right lower lobe``."""
+        return LOBES[self.label]
+
+
 @dataclass(frozen=True, eq=False)
 class Quantification:
     """Result of :func:`quantify` for one series."""
@@ -96,6 +121,13 @@ class Quantification:
     """Human-readable caveats (partial coverage, thick slices, ...)."""
     noise_hu: float | None = None
     """Noise SD in the lung parenchyma (HU), when it could be measured."""
+    lobes: tuple[LobeMeasurement, ...] = ()
+    """The five lobes in label order when a lobe model made the masks; empty: no lobes."""
+
+    @property
+    def ctss(self) -> int | None:
+        """CT severity score 0-25: the sum of the lobes' scores; ``None`` without lobes."""
+        return sum(lobe.score for lobe in self.lobes) if self.lobes else None
 
 
 def category_for(percent_opacity: float, normal_below: float = 1.0) -> str:
@@ -114,6 +146,61 @@ def category_for(percent_opacity: float, normal_below: float = 1.0) -> str:
     if percent_opacity < 75.0:
         return "CT-3"
     return "CT-4"
+
+
+def ctss_score(percent_opacity: float, normal_below: float = 1.0) -> int:
+    """CT severity score of one lobe, 0-5, from its percentage of opacity (PO).
+
+    Pan et al., Radiology 2020: 0 none, 1 under 5 %, 2 5-25 %, 3 26-50 %,
+    4 51-75 %, 5 over 75 % of the lobe involved.  The published bins are in
+    whole percent; on a continuous PO the boundaries are: 0 when PO is 0 or
+    below ``normal_below`` (the node's ``normal_below_percent``, as for
+    CT-0: partial volume at vessels and the pleura always leaves a little),
+    1 from there to under 5, 2 from 5 up to and including 25, 3 over 25 up to
+    and including 50, 4 over 50 up to and including 75, 5 over 75.
+    """
+    if percent_opacity <= 0.0 or percent_opacity < normal_below:
+        return 0
+    if percent_opacity < 5.0:
+        return 1
+    for score, upper in ((2, 25.0), (3, 50.0), (4, 75.0)):
+        if percent_opacity <= upper:
+            return score
+    return 5
+
+
+def measure_lobes(lobes: np.ndarray, opacity: np.ndarray, high_opacity: np.ndarray, voxel_ml: float,
+                  *, f: int = 1, fz: int = 1, normal_below_percent: float = 1.0
+                  ) -> tuple[LobeMeasurement, ...]:
+    """Volume, PO, PHO and CTSS score of each of the five lobes.
+
+    Counted as :func:`quantify` counts the lungs: the lobe's full-resolution
+    voxels, each with the opacity flags of its block of the measurement grid.
+
+    Parameters
+    ----------
+    lobes:
+        ``uint8`` label volume (:data:`LOBES`, 0 elsewhere), ``(z, y, x)``.
+    opacity, high_opacity:
+        Boolean opacity and high-opacity flags on the grid of ``fz x f x f``
+        blocks of ``lobes`` (with ``f = fz = 1``: the same grid).
+    voxel_ml:
+        Volume of one voxel of ``lobes``.
+    normal_below_percent:
+        A lobe's PO under this scores 0 (:func:`ctss_score`).
+
+    Returns
+    -------
+    tuple of LobeMeasurement
+        All five lobes in label order; a lobe without voxels has volume 0 and score 0.
+    """
+    out = []
+    for label in LOBES:
+        counts, _ = _block_counts(lobes == label, f, fz)
+        m = _measure(counts, opacity, high_opacity, voxel_ml)
+        out.append(LobeMeasurement(label=label, measurement=m,
+                                   score=ctss_score(m.percent_opacity, normal_below_percent)))
+    return tuple(out)
 
 
 def _lung_box(masks: LungMasks, f: int, fz: int) -> tuple[slice, slice, slice]:
@@ -232,7 +319,8 @@ def _opacity(hu: np.ndarray, lung: np.ndarray, thresholds: OpacityThresholds, pa
     blobs = morph.opening(bright, _disk(params.vessel_radius_mm / pixel_mm))
     solid = blobs & (light <= thresholds.high_opacity_high)
     dense = lung & (light >= thresholds.opacity_low)
-    thin = dense & ~morph.opening(dense, _disk(rim_mm / pixel_mm))
+    # at least a cross: a rim radius under one pixel (coarse pixels) would make the opening a no-op
+    thin = dense & ~morph.opening(dense, _disk(max(rim_mm / pixel_mm, 1.0)))
     vessel_zone = morph.dilate((bright & ~blobs) | thin, _disk(1.0)) & lung
     # a vessel filled with contrast reads above high_opacity_high; inside ground glass it is involved
     # lung all the same (as an unenhanced one is)
@@ -389,11 +477,18 @@ def quantify(volume: CTVolume, masks: LungMasks, thresholds: OpacityThresholds =
     right = _measure(right_n, opacity, high, voxel_ml)
     total = _measure(lung_n, opacity, high, voxel_ml)
     flags = _quality_flags(volume, masks, total, noise, params)
+    lobes: tuple[LobeMeasurement, ...] = ()
+    if masks.lobes is not None:
+        lobes = measure_lobes(masks.lobes[box], opacity, high, voxel_ml, f=f, fz=fz,
+                              normal_below_percent=normal_below_percent)
+        missing = [lobe.name for lobe in lobes if lobe.measurement.volume_ml == 0.0]
+        if missing:
+            flags.append(f"lobes not found: {', '.join(missing)} (scored 0 in the CTSS)")
     return Quantification(
         left=left, right=right, total=total,
         severity_category=category_for(total.percent_opacity, normal_below_percent),
         thresholds=thresholds, opacity_mask=opacity_full, quality_flags=tuple(flags),
-        noise_hu=noise,
+        noise_hu=noise, lobes=lobes,
     )
 
 

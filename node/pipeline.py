@@ -202,6 +202,12 @@ def summarise(analysis: Analysis) -> dict[str, Any]:
         "segmentation": _segmentation_summary(analysis.masks, analysis.volume.voxel_volume_ml),
         "timings_s": {k: round(v, 3) for k, v in analysis.timings.items()},
     }
+    if q.lobes:  # a lobe model made the masks: per lobe and the CT severity score 0-25
+        out["lobes"] = {lobe.name: {"volume_ml": round(lobe.measurement.volume_ml, 1),
+                                    "percent_opacity": round(lobe.measurement.percent_opacity, 2),
+                                    "percent_high_opacity": round(lobe.measurement.percent_high_opacity, 2),
+                                    "score": lobe.score} for lobe in q.lobes}
+        out["ctss"] = q.ctss
     p = analysis.prediction
     if p is not None:
         out["model"] = {"name": p.model_name, "version": p.model_version,

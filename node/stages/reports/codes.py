@@ -5,6 +5,15 @@ UCUM): Lung 39607008 with laterality Left 7771000 / Right 24028007, Volume
 118565006, Anatomical Structure 91723000, Morphologically Abnormal Structure
 49755003, and the UCUM units ``ml``, ``%`` and ``1``.
 
+Lobes (:data:`LOBE_SITES`) are coded as DICOM codes them (CID 7151 and the
+anatomic-region CIDs): the SNOMED CT lobe concept with the side as laterality,
+Upper lobe of lung 45653009 and Lower lobe of lung 90572001 with Left or
+Right, and Middle lobe of right lung 72481006 with Right.  The pre-coordinated
+sided concepts (upper lobe of left lung 44714003, of right lung 78883009,
+lower lobe of left lung 41224006, of right lung 266005) are not in DICOM's
+context groups, except 44714003, so the form with laterality is used for all
+five, as for the lungs.
+
 No standard codes exist for the percentage of opacity, the MosMedData
 categories, the CNN's classes or the quality flags, so lungnode uses its private
 coding scheme ``99LUNGNODE`` (designators beginning with ``99`` are reserved for
@@ -23,6 +32,12 @@ code (scheme ``99LUNGNODE``)      meaning
                                   CT-4 over 75 % of lung involved
 ``SCOPE``                         Scope of measurement; value ``WHOLEPERLUNG``
 ``WHOLEPERLUNG``                  Whole lung and per lung, no lobes
+``WHOLEPERLOBE``                  Whole lung, per lung and per lobe (a lobe model ran)
+``CTSS``                          CT severity score 0-25 (Pan et al., Radiology 2020): the sum
+                                  of the five lobes' scores (NUM, unit ``1``)
+``CTSSLOBE``                      CT severity score of one lobe, 0-5 (NUM, unit ``1``): 0 PO 0
+                                  or under the normal threshold, 1 under 5 %, 2 5-25 %,
+                                  3 over 25-50 %, 4 over 50-75 %, 5 over 75 %
 ``QUALITY``                       Quality flag (CODE); values ``PARTCOV``, ``THICK``,
                                   ``VOLRANGE``, ``NOISE``, ``EXTENSIVE``, ``OTHER``
 ``QUALITYTEXT``                   Quality flag text (TEXT): the flag in words, with its numbers
@@ -55,7 +70,10 @@ __all__ = [
     "CATEGORY_MEANINGS",
     "CLASS_CODES",
     "CNN_CLASS",
+    "CTSS",
+    "CTSS_LOBE",
     "LATERALITY",
+    "LOBE_SITES",
     "LUNG",
     "ML",
     "OPACITY",
@@ -69,6 +87,7 @@ __all__ = [
     "SCOPE",
     "SEVERITY_CATEGORY",
     "UNITY",
+    "WHOLE_AND_PER_LOBE",
     "WHOLE_AND_PER_LUNG",
     "category_code",
     "flag_code",
@@ -103,6 +122,19 @@ QUALITY = private("QUALITY", "Quality flag")
 QUALITY_TEXT = private("QUALITYTEXT", "Quality flag text")
 SCOPE = private("SCOPE", "Scope of measurement")
 WHOLE_AND_PER_LUNG = private("WHOLEPERLUNG", "Whole lung and per lung, no lobes")
+WHOLE_AND_PER_LOBE = private("WHOLEPERLOBE", "Whole lung, per lung and per lobe")
+CTSS = private("CTSS", "CT severity score (0-25)")
+CTSS_LOBE = private("CTSSLOBE", "CT severity score of lobe (0-5)")
+
+LOBE_SITES: dict[int, tuple[CodedConcept, str]] = {
+    1: (CodedConcept.from_code(codes.SCT.UpperLobeOfLung), "left"),
+    2: (CodedConcept.from_code(codes.SCT.LowerLobeOfLung), "left"),
+    3: (CodedConcept.from_code(codes.SCT.UpperLobeOfLung), "right"),
+    4: (CodedConcept.from_code(codes.SCT.MiddleLobeOfRightLung), "right"),
+    5: (CodedConcept.from_code(codes.SCT.LowerLobeOfLung), "right"),
+}
+"""Per lobe label (:data:`model.quantify.LOBES`): its SNOMED CT concept and side (a key of
+:data:`LATERALITY`)."""
 
 CATEGORY_MEANINGS = {
     "CT-0": "CT-0: no opacity",

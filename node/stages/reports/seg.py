@@ -12,6 +12,14 @@ slices through the lungs.  Segments:
    see :mod:`node.stages.reports.codes`), category SCT Morphologically Abnormal
    Structure 49755003, anatomic region SCT Lung, shown red.
 
+When a lobe model made the masks (:attr:`model.lungs.LungMasks.lobes`), one
+segment per lobe found follows, numbered from 4 in label order (left upper,
+left lower, right upper, right middle, right lower; a lobe without voxels has
+none): label e.g. *Left upper lobe*, category SCT Anatomical Structure,
+property type and anatomic region the lobe's SNOMED CT concept with its side
+as modifier (:data:`node.stages.reports.codes.LOBE_SITES`), tracking id the
+lobe's name (``left upper lobe``), colours :data:`LOBE_COLOURS`.
+
 The colours are those of the summary image.  The opacity lies inside the
 lungs, so the segments overlap: the object is BINARY (a LABELMAP cannot hold
 overlapping segments), and highdicom itself decides Segments Overlap.
@@ -29,16 +37,53 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import ExplicitVRLittleEndian
 
 from model.lungs import LungMasks
+from model.quantify import LOBES
 from node.errors import ReportError
 from node.stages.reports import codes as lc
 
-__all__ = ["SEGMENT_COLOURS", "SEGMENT_LABELS", "build_segmentation"]
+__all__ = ["LOBE_COLOURS", "SEGMENT_COLOURS", "SEGMENT_LABELS", "build_segmentation", "lobe_labels"]
 
 SEGMENT_LABELS = ("Left lung", "Right lung", "Lung opacity")
 """Segment labels in segment-number order (1, 2, 3)."""
 
 SEGMENT_COLOURS: tuple[tuple[int, int, int], ...] = ((40, 220, 40), (60, 140, 255), (255, 60, 60))
 """RGB display colours of the segments, in segment-number order."""
+
+LOBE_COLOURS: dict[int, tuple[int, int, int]] = {
+    1: (120, 255, 120), 2: (20, 140, 20), 3: (140, 200, 255), 4: (200, 120, 255), 5: (30, 70, 200)}
+"""RGB display colours of the lobe segments by lobe label (greens left, blues and violet right)."""
+
+
+def lobe_labels(lobes: np.ndarray | None) -> list[int]:
+    """The lobe labels (1-5) that have voxels, in label order: the lobe segments 4, 5, ..."""
+    if lobes is None:
+        return []
+    counts = np.bincount(lobes.ravel(), minlength=6)
+    return [label for label in range(1, 6) if counts[label] > 0]
+
+
+def _lobe_segment(number: int, label: int, algorithm: hd.AlgorithmIdentificationSequence
+                  ) -> hd.seg.SegmentDescription:
+    concept, side = lc.LOBE_SITES[label]
+    name = LOBES[label]
+    description = hd.seg.SegmentDescription(
+        segment_number=number, segment_label=name[0].upper() + name[1:],
+        segmented_property_category=codes.SCT.AnatomicalStructure,
+        segmented_property_type=hd.sr.CodedConcept(concept.value, concept.scheme_designator,
+                                                   concept.meaning),
+        algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+        algorithm_identification=algorithm, tracking_uid=hd.UID(), tracking_id=name,
+        anatomic_regions=[hd.sr.CodedConcept(concept.value, concept.scheme_designator, concept.meaning)],
+        display_color=hd.color.CIELabColor.from_rgb(*LOBE_COLOURS[label]))
+    # the side, as for the lungs: a modifier nested in the property type and in the region
+    for seq, attr in (("SegmentedPropertyTypeCodeSequence", "SegmentedPropertyTypeModifierCodeSequence"),
+                      ("AnatomicRegionSequence", "AnatomicRegionModifierSequence")):
+        modifier = Dataset()
+        modifier.CodeValue = lc.LATERALITY[side].value
+        modifier.CodingSchemeDesignator = lc.LATERALITY[side].scheme_designator
+        modifier.CodeMeaning = lc.LATERALITY[side].meaning
+        setattr(getattr(description, seq)[0], attr, DicomSequence([modifier]))
+    return description
 
 
 def _lung_segment(number: int, side: str, algorithm: hd.AlgorithmIdentificationSequence
@@ -62,10 +107,14 @@ def _lung_segment(number: int, side: str, algorithm: hd.AlgorithmIdentificationS
 
 def _segment_stack(masks: LungMasks, opacity: np.ndarray) -> np.ndarray:
     """``(z, y, x, segment)`` view over a segment-major array (one contiguous volume a segment)."""
-    stack = np.empty((3, *masks.left.shape), dtype=bool)
+    labels = lobe_labels(masks.lobes)
+    stack = np.empty((3 + len(labels), *masks.left.shape), dtype=bool)
     stack[0] = masks.left
     stack[1] = masks.right
     stack[2] = opacity
+    if masks.lobes is not None:
+        for i, label in enumerate(labels):
+            np.equal(masks.lobes, label, out=stack[3 + i])
     return np.moveaxis(stack, 0, -1)
 
 
@@ -114,6 +163,7 @@ def build_segmentation(sources: Sequence[Dataset], masks: LungMasks, opacity: np
             algorithm_identification=algorithm, tracking_uid=hd.UID(),
             tracking_id="lung opacity", anatomic_regions=[lc.LUNG],
             display_color=hd.color.CIELabColor.from_rgb(*SEGMENT_COLOURS[2])),
+        *(_lobe_segment(4 + i, label, algorithm) for i, label in enumerate(lobe_labels(masks.lobes))),
     ]
     seg = hd.seg.Segmentation(
         source_images=list(sources),
@@ -130,7 +180,9 @@ def build_segmentation(sources: Sequence[Dataset], masks: LungMasks, opacity: np
         device_serial_number="1",
         series_description=f"{algorithm_name} lung segmentation",
         content_label="LUNGS",
-        content_description="Left lung, right lung and lung opacity (automatic)",
+        content_description=("Left lung, right lung, lung opacity and lobes (automatic)"
+                             if masks.lobes is not None else
+                             "Left lung, right lung and lung opacity (automatic)"),
         omit_empty_frames=True,
         transfer_syntax_uid=ExplicitVRLittleEndian,
     )

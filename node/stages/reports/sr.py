@@ -11,7 +11,17 @@ Content of the Imaging Measurement Report (TID 1500):
   of high opacity (PHO, %);
 - one whole-lung group (TID 1501, ``both lungs``, finding site Lung without
   laterality) with the same three measurements, the MosMedData severity
-  category and the scope of measurement (whole lung and per lung, no lobes);
+  category and the scope of measurement (whole lung and per lung, no lobes;
+  or, when a lobe model made the masks, whole lung, per lung and per lobe,
+  with the CT severity score CTSS 0-25 as a NUM ``99LUNGNODE CTSS``);
+- with lobes, one volumetric group (TID 1411) per lobe after the lungs,
+  tracking identifier the lobe's name (``left upper lobe`` ...), finding site
+  the lobe's SNOMED CT concept with its laterality
+  (:data:`node.stages.reports.codes.LOBE_SITES`), referencing the lobe's
+  segment of the SEG, with Volume, PO, PHO and the lobe's CTSS score 0-5
+  (``99LUNGNODE CTSSLOBE``, :func:`model.quantify.ctss_score`); a lobe the
+  model did not find has a plain group (TID 1501) with its zeros and no
+  segment;
 - in each of these three groups every quality flag twice: coded
   (``QUALITY``) and in words (``QUALITYTEXT``), so no number travels without
   its caveats; the algorithm identification ``<name> quantitative HU
@@ -39,7 +49,7 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
 
 from model.prediction import Prediction
-from model.quantify import LungMeasurement, Quantification
+from model.quantify import LobeMeasurement, LungMeasurement, Quantification
 from node.errors import ReportError
 from node.stages.reports import codes as lc
 
@@ -62,6 +72,34 @@ def _measurements(m: LungMeasurement) -> list[hd.sr.Measurement]:
         hd.sr.Measurement(name=lc.PO, value=round(m.percent_opacity, 2), unit=lc.PERCENT),
         hd.sr.Measurement(name=lc.PHO, value=round(m.percent_high_opacity, 2), unit=lc.PERCENT),
     ]
+
+
+_Group = (hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations
+          | hd.sr.MeasurementsAndQualitativeEvaluations)
+
+
+def _lobe_group(lobe: LobeMeasurement, seg: hd.seg.Segmentation,
+                source_series: hd.sr.SourceSeriesForSegmentation,
+                algorithm: hd.sr.AlgorithmIdentification) -> _Group:
+    """One lobe's group: volume, PO, PHO and CTSS score, at the lobe's coded site, on its segment."""
+    concept, side = lc.LOBE_SITES[lobe.label]
+    measurements = [*_measurements(lobe.measurement),
+                    hd.sr.Measurement(name=lc.CTSS_LOBE, value=lobe.score, unit=lc.UNITY)]
+    tracking = hd.sr.TrackingIdentifier(uid=hd.UID(), identifier=lobe.name)
+    site = hd.sr.FindingSite(anatomic_location=concept, laterality=lc.LATERALITY[side])
+    number = next((int(item.SegmentNumber) for item in seg.SegmentSequence
+                   if str(item.get("TrackingID", "")) == lobe.name), None)
+    if number is None:  # the model found no voxel of this lobe: no segment to point at
+        return hd.sr.MeasurementsAndQualitativeEvaluations(
+            tracking_identifier=tracking, finding_type=concept, algorithm_id=algorithm,
+            finding_sites=[site], measurements=measurements)
+    return hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
+        tracking_identifier=tracking,
+        referenced_segment=hd.sr.ReferencedSegment(
+            sop_class_uid=seg.SOPClassUID, sop_instance_uid=seg.SOPInstanceUID,
+            segment_number=number, source_series=source_series),
+        finding_type=concept, algorithm_id=algorithm, finding_sites=[site],
+        measurements=measurements)
 
 
 def _flag_codes(flags: Sequence[str]) -> list[hd.sr.QualitativeEvaluation]:
@@ -162,7 +200,8 @@ def build_sr(evidence: Sequence[Dataset], seg: hd.seg.Segmentation, quantificati
     evidence:
         Cleaned headers of the analysed images, in z order.
     seg:
-        The Segmentation whose segments 1 and 2 are the left and right lung.
+        The Segmentation whose segments 1 and 2 are the left and right lung (and, with lobes,
+        whose lobe segments carry the lobe's name as tracking ID).
     quantification, prediction:
         The numbers to report; ``prediction`` is ``None`` when no model ran.
     algorithm_name, algorithm_version:
@@ -213,15 +252,19 @@ def build_sr(evidence: Sequence[Dataset], seg: hd.seg.Segmentation, quantificati
         )
         _add_flag_texts(group, q.quality_flags)
         groups.append(group)
+    groups.extend(_lobe_group(lobe, seg, source_series, quant_algorithm) for lobe in q.lobes)
+    ctss = ([hd.sr.Measurement(name=lc.CTSS, value=q.ctss, unit=lc.UNITY)]
+            if q.ctss is not None else [])
     whole = hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(uid=hd.UID(), identifier=GROUP_IDS["both"]),
         finding_type=lc.LUNG,
         algorithm_id=quant_algorithm,
         finding_sites=[hd.sr.FindingSite(anatomic_location=lc.LUNG)],
-        measurements=_measurements(q.total),
+        measurements=[*_measurements(q.total), *ctss],
         qualitative_evaluations=[
             hd.sr.QualitativeEvaluation(name=lc.SEVERITY_CATEGORY, value=category),
-            hd.sr.QualitativeEvaluation(name=lc.SCOPE, value=lc.WHOLE_AND_PER_LUNG),
+            hd.sr.QualitativeEvaluation(
+                name=lc.SCOPE, value=lc.WHOLE_AND_PER_LOBE if q.lobes else lc.WHOLE_AND_PER_LUNG),
             *_flag_codes(q.quality_flags),
         ],
     )

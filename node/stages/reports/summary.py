@@ -6,8 +6,10 @@ lung (blue) and opacity (red) tinted and outlined, beside the numbers as
 burned-in text: volume, PO and PHO per lung and in total, the MosMedData
 category, the CNN's class and P(COVID) when a model ran, every quality flag,
 the algorithm and its version, and "NOT FOR DIAGNOSTIC USE WITHOUT REVIEW".
-Under the CNN's class, in yellow, the model card's validity statement (what
-the model was trained on, whether it was validated on patients).
+With lobes (a lobe model made the masks), the CT severity score CTSS 0-25
+and per lobe its PO, PHO and score 0-5.  Under the CNN's class, in yellow,
+the model card's validity statement (what the model was trained on, whether
+it was validated on patients).
 Text is drawn with Pillow's built-in default font (nothing is downloaded).
 """
 
@@ -80,8 +82,15 @@ def summary_lines(q: Quantification, prediction: Prediction | None, algorithm: s
         ("", _WHITE),
         (f"Severity category {q.severity_category} (MosMedData)", _WHITE),
         ("  by quantitative HU threshold", _WHITE),
-        ("Whole lung and per lung; lobes are not measured", _WHITE),
     ]
+    if q.lobes:
+        lines += [("Whole lung, per lung and per lobe", _WHITE),
+                  (f"CTSS {q.ctss} of 25 (Pan et al.; lobe score 0-5)", _WHITE)]
+        lines += [(f"  {lobe.name:<18} PO {lobe.measurement.percent_opacity:5.1f} %  "
+                   f"PHO {lobe.measurement.percent_high_opacity:5.1f} %  score {lobe.score}", _WHITE)
+                  for lobe in q.lobes]
+    else:
+        lines.append(("Whole lung and per lung; lobes are not measured", _WHITE))
     if prediction is not None:
         lines += [
             ("", _WHITE),
