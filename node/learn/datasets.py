@@ -283,7 +283,8 @@ def _store(session: Session, settings: Settings, *, kind: str, as_of: datetime, 
     manifest.write(settings.learn_root / rel)
     row.digest = manifest.digest
     row.summary = json.dumps(counts, sort_keys=True)
-    session.add(AuditEntry(actor=created_by[:64], action=f"dataset-{stem}",  # what trains on what
+    action = "dataset-frozen" if kind == KIND_TRAINING else "dataset-locked"  # what trains on what
+    session.add(AuditEntry(actor=created_by[:64], action=action,
                            detail=f"{kind} version {version} (id {row.id}): {len(items)} studies of "
                                   f"{len(set(i.patient for i in items))} patients as of {as_of.isoformat()}, "
                                   f"digest {manifest.digest}"))
