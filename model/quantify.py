@@ -319,8 +319,7 @@ def _opacity(hu: np.ndarray, lung: np.ndarray, thresholds: OpacityThresholds, pa
     blobs = morph.opening(bright, _disk(params.vessel_radius_mm / pixel_mm))
     solid = blobs & (light <= thresholds.high_opacity_high)
     dense = lung & (light >= thresholds.opacity_low)
-    # at least a cross: a rim radius under one pixel (coarse pixels) would make the opening a no-op
-    thin = dense & ~morph.opening(dense, _disk(max(rim_mm / pixel_mm, 1.0)))
+    thin = dense & ~morph.opening(dense, _disk(rim_mm / pixel_mm))
     vessel_zone = morph.dilate((bright & ~blobs) | thin, _disk(1.0)) & lung
     # a vessel filled with contrast reads above high_opacity_high; inside ground glass it is involved
     # lung all the same (as an unenhanced one is)
