@@ -89,9 +89,9 @@ def test_measure_lobes_counts_each_lobe_on_the_measurement_grid() -> None:
 
 # -- the study -------------------------------------------------------------------------------------------
 
-def _cut(study_dir: Path) -> tuple[Path, np.ndarray]:
-    """Cut the synthetic study's lungs into lobes of :data:`LOBE_HU`; the lobe labels in the
-    volume's order."""
+def _cut(study_dir: Path) -> np.ndarray:
+    """The synthetic study's lungs cut into lobes, front to back, with four rows of tissue between
+    neighbours: the lobe labels in the volume's order (the truth's z order)."""
     truth = np.load(study_dir / "truth.npz")
     parts = {"right_lung": (3, 4, 5), "left_lung": (1, 2)}  # front to back
     labels = np.zeros(truth["right_lung"].shape, dtype=np.uint8)
@@ -103,7 +103,7 @@ def _cut(study_dir: Path) -> tuple[Path, np.ndarray]:
             part = np.zeros_like(lung)
             part[:, lo + 2:hi - 2, :] = True  # four rows of tissue between lobes
             labels[lung & part] = lobe
-    return study_dir, labels
+    return labels
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +111,7 @@ def lobe_study(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, np.ndarr
     """A 7-slice synthetic study with five lobes of known HU; its DICOM folder and lobe labels."""
     study = write_study(tmp_path_factory.mktemp("lobes") / "synth",
                         SynthSpec(seed=3, involvement=0.0, rows=128, slices=7, slice_thickness_mm=5.0))
-    _, labels = _cut(study.directory)
+    labels = _cut(study.directory)
     lungs = np.load(study.directory / "truth.npz")
     body_lung = lungs["right_lung"] | lungs["left_lung"]
     volume = load_series(list(study.paths))
