@@ -431,7 +431,9 @@ def quantify(volume: CTVolume, masks: LungMasks, thresholds: OpacityThresholds =
     -------
     Quantification
         Per lung and whole-lung measurements, the MosMedData category, the
-        opacity mask on the volume's grid and quality flags.
+        opacity mask on the volume's grid and quality flags; with a lobe
+        label volume on ``masks`` (a lobe model), the five lobes' measurements
+        and CTSS scores (:func:`measure_lobes`) and a flag naming any lobe not found.
     """
     px_mm = max(volume.spacing[1], volume.spacing[2])
     f = max(1, int(round(params.grid_mm / px_mm)))
