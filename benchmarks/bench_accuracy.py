@@ -18,7 +18,15 @@ side by side, the relative volume difference and the PO difference (floors:
 The seed set runs twice by default: without and with intravenous contrast
 (the same patients; ``--contrast no`` or ``yes`` runs one of them).
 
-    .venv/bin/python benchmarks/bench_accuracy.py [--rows 256] [--seeds 20] [--jobs 2] [--contrast both]
+Kernel pairs (``--kernel-pairs N``, default 20, 0 to skip): each pair is one
+phantom (same seed and spec) reconstructed with a smooth (B40f) and a sharp
+(B70f) kernel; the seed varies body size and image noise (10-30 HU SD smooth,
+2.5 times that sharp), the pairs cycle slice thickness 1-5 mm, matrix and
+involvement 0-40 %.  Per pair the PO of each kernel and the difference, then
+the mean and worst difference (target: 1 point mean, 2 points worst).
+
+    .venv/bin/python benchmarks/bench_accuracy.py [--rows 256] [--seeds 20] [--jobs 2] [--contrast both] \
+        [--kernel-pairs 20] [--pair-rows 256]
 
 ``--rows 512`` runs the synthetic studies at full matrix (slower).
 """
@@ -39,6 +47,7 @@ sys.path.insert(0, str(REPO))
 
 DICE_FLOOR, PO_ERROR_CEILING, CATEGORY_FLOOR = 0.97, 3.0, 0.90
 KERNEL_VOLUME_CEILING, KERNEL_PO_CEILING = 0.05, 2.0
+PAIR_MEAN_CEILING, PAIR_WORST_CEILING = 1.0, 2.0
 
 
 @dataclass(frozen=True)
@@ -117,6 +126,71 @@ def run_case(case: Case) -> dict[str, float | str]:
     }
 
 
+@dataclass(frozen=True)
+class Pair:
+    seed: int
+    involvement: float
+    thickness_mm: float
+    rows: int
+
+
+def pair_set(n: int, rows: int) -> list[Pair]:
+    """``n`` kernel pairs: involvement 0-40 %, thickness cycling 1-5 mm, matrix ``rows`` or 3/4 of it
+    (the seed varies body size and noise level)."""
+    thicknesses = (1.0, 2.5, 5.0, 1.5, 3.0)
+    return [Pair(seed=500 + i, involvement=round(0.4 * (i % 7) / 6, 3), thickness_mm=thicknesses[i % 5],
+                 rows=rows if i % 3 else max(64, (3 * rows // 4) // 8 * 8))
+            for i in range(n)]
+
+
+def run_pair(pair: Pair) -> dict[str, float]:
+    """One phantom, reconstructed with a smooth and a sharp kernel; PO, noise and volume of each."""
+    from model.lungs import segment_lungs
+    from model.quantify import quantify
+    from model.volume import CTVolume
+    from training import SynthSpec, make_phantom
+
+    out: dict[str, float] = {"seed": pair.seed, "involvement": pair.involvement,
+                             "thickness": pair.thickness_mm, "rows": pair.rows}
+    for kernel in ("B40f", "B70f"):
+        ph = make_phantom(SynthSpec(seed=pair.seed, involvement=pair.involvement, kernel=kernel,
+                                    rows=pair.rows, slice_thickness_mm=pair.thickness_mm))
+        volume = CTVolume(hu=ph.hu, spacing=ph.spacing, origin=ph.origin, direction=np.eye(3),
+                          series_instance_uid="2.25.2",
+                          sop_instance_uids=tuple(f"2.25.2.{i}" for i in range(len(ph.hu))),
+                          slice_thickness=ph.spacing[0], kernel=kernel)
+        q = quantify(volume, segment_lungs(volume))
+        lungs = ph.left_lung | ph.right_lung
+        out["true_po"] = 100.0 * np.count_nonzero((ph.ground_glass | ph.consolidation) & lungs) / max(
+            int(np.count_nonzero(lungs)), 1)
+        out[f"po_{kernel}"] = q.total.percent_opacity
+        out[f"noise_{kernel}"] = q.noise_hu or float("nan")
+        out[f"ml_{kernel}"] = q.total.volume_ml
+        out["pixel_mm"] = ph.spacing[1]
+    return out
+
+
+def run_pairs(pairs: list[Pair], jobs: int) -> tuple[float, float]:
+    """Run the kernel pairs, print a row per pair and the summary; return mean and worst |PO diff|."""
+    print(f"{'seed':>4} {'inv':>5} {'mm':>4} {'rows':>4} {'px mm':>5} {'noise B40f':>10} {'B70f':>5} "
+          f"{'PO true':>7} {'PO B40f':>7} {'PO B70f':>7} {'diff':>6} {'vol %':>6}")
+    with ProcessPoolExecutor(max_workers=jobs) as pool:
+        rows = list(pool.map(run_pair, pairs))
+    diffs = []
+    for r in rows:
+        d = r["po_B70f"] - r["po_B40f"]
+        diffs.append(abs(d))
+        dv = 100.0 * abs(r["ml_B70f"] - r["ml_B40f"]) / max(r["ml_B70f"], r["ml_B40f"])
+        print(f"{int(r['seed']):4d} {r['involvement']:5.2f} {r['thickness']:4.1f} {int(r['rows']):4d} "
+              f"{r['pixel_mm']:5.2f} {r['noise_B40f']:10.1f} {r['noise_B70f']:5.1f} {r['true_po']:7.2f} "
+              f"{r['po_B40f']:7.2f} {r['po_B70f']:7.2f} {d:+6.2f} {dv:6.2f}")
+    mean, worst = float(np.mean(diffs)), float(np.max(diffs))
+    ok = mean <= PAIR_MEAN_CEILING and worst <= PAIR_WORST_CEILING
+    print(f"\n{len(rows)} kernel pairs: |PO B70f - B40f| mean {mean:.2f} (target {PAIR_MEAN_CEILING:g}), "
+          f"worst {worst:.2f} points (target {PAIR_WORST_CEILING:g})  {'OK' if ok else 'FAIL'}")
+    return mean, worst
+
+
 def real_study() -> list[str]:
     """Both kernels of the real study; lines to print."""
     from model.lungs import segment_lungs
@@ -158,8 +232,17 @@ def main() -> None:
     ap.add_argument("--only", help="comma-separated seeds of the set to run (a quick look)")
     ap.add_argument("--contrast", choices=("no", "yes", "both"), default="both",
                     help="the seed set without, with, or without and with intravenous contrast")
+    ap.add_argument("--kernel-pairs", type=int, default=20,
+                    help="synthetic smooth/sharp kernel pairs of the same phantom (0: none)")
+    ap.add_argument("--pair-rows", type=int, default=256, help="matrix of the kernel pairs' studies")
+    ap.add_argument("--only-pairs", action="store_true", help="only the kernel pairs and the real study")
     args = ap.parse_args()
-    for contrast in {"no": (False,), "yes": (True,), "both": (False, True)}[args.contrast]:
+    if args.kernel_pairs:
+        print(f"\nkernel pairs (one phantom, B40f and B70f), {args.pair_rows} rows:")
+        run_pairs(pair_set(args.kernel_pairs, args.pair_rows), args.jobs)
+    if args.only_pairs:
+        args.contrast = "none"
+    for contrast in {"no": (False,), "yes": (True,), "both": (False, True), "none": ()}[args.contrast]:
         cases = seed_set(args.seeds, args.rows, contrast)
         if args.only:
             keep = {int(v) for v in args.only.split(",")}
