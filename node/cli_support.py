@@ -70,6 +70,7 @@ def settings() -> Settings:
         logging.getLogger("alembic").setLevel(logging.WARNING)
         logging.getLogger("apscheduler").setLevel(logging.WARNING)
         logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+        logging.getLogger("highdicom").setLevel(logging.WARNING)  # ~20 INFO lines per result object
         redact_library_values()  # pydicom quotes invalid values (a malformed birth date) in its log
     return state.settings
 
