@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import getpass
 import json
 import os
@@ -78,6 +79,9 @@ def _process_group(world: int) -> Iterator[None]:
     try:
         yield
     finally:
+        # the DDP model and its reducer (gloo work, C++ threads) go while the group is alive: left
+        # to the interpreter's exit they aborted a rank once (std::terminate) under load
+        gc.collect()
         with contextlib.suppress(RuntimeError):
             dist.barrier()  # every rank past its last collective before the group goes
         dist.destroy_process_group()

@@ -55,6 +55,7 @@ import argparse
 import contextlib
 import copy
 import dataclasses
+import gc
 import hashlib
 import json
 import logging
@@ -420,6 +421,7 @@ def train_run(manifest_path: Path, run_dir: Path, registry_dir: Path, options: R
                           progress=progress and rank == 0, rank=rank, world=world, device=device)
     finally:
         if created_group:
+            gc.collect()  # the DDP model and its reducer go while the group is alive (not at exit)
             # every rank past its last collective before the group goes (gloo aborts otherwise)
             with contextlib.suppress(RuntimeError):
                 dist.barrier()
