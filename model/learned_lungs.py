@@ -24,7 +24,6 @@ Python's ``UserWarning`` for the whole process (lungmask does so in its
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import re
 import threading
@@ -39,10 +38,11 @@ import numpy as np
 from model.errors import ModelError, NoLungsError, SegmentationError
 from model.lungs import LungMasks, SegmentationMethod, segment_lungs
 from model.quantify import Quantification, QuantifyParams
+from model.registry import sha256_file
 from model.volume import CTVolume
 
 __all__ = ["LOBE_NAMES", "MODEL_CLASSES", "LearnedLungs", "LungSegmenter", "WeightsError",
-           "check_weights_name", "file_sha256", "masks_from_labels", "open_segmenter", "to_sitk",
+           "check_weights_name", "masks_from_labels", "open_segmenter", "to_sitk",
            "untrusted_reason"]
 
 logger = logging.getLogger(__name__)
@@ -70,15 +70,6 @@ such as ``model-2024.pth`` is not taken for one)."""
 
 class WeightsError(ModelError):
     """A lungmask weights file is missing, damaged or not the model it should be."""
-
-
-def file_sha256(path: Path) -> str:
-    """Hex SHA-256 of a file, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def check_weights_name(path: Path, sha256: str) -> None:
@@ -195,7 +186,7 @@ class LearnedLungs:
         if not path.is_file():
             raise WeightsError(f"lungmask weights {path} do not exist; download the published file "
                                "once (see the README) and set [segmentation] weights to it")
-        sha = file_sha256(path)
+        sha = sha256_file(path)
         check_weights_name(path, sha)
         return sha
 

@@ -37,13 +37,13 @@ from model.learned_lungs import (
     LearnedLungs,
     LungSegmenter,
     WeightsError,
-    file_sha256,
     masks_from_labels,
     open_segmenter,
     to_sitk,
 )
 from model.lungs import LungMasks
 from model.quantify import OpacityThresholds, Quantification, quantify
+from model.registry import sha256_file
 from model.volume import CTVolume, load_series
 from node.cli import app
 from node.errors import ConfigError
@@ -172,7 +172,7 @@ def test_wrong_weights_are_refused_with_what_was_expected(weights: dict[str, Pat
     with pytest.raises(WeightsError, match=r"unet_r231.pth do not load into lungmask's U-Net as model "
                                            r"R231 \(3 output classes expected\)"):
         LearnedLungs("R231", garbage, device="cpu")
-    sha = file_sha256(weights["random3"])
+    sha = sha256_file(weights["random3"])
     wrong = tmp_path / "unet_r231-d5d2fc3d.pth"  # the published name, other content
     shutil.copy(weights["random3"], wrong)
     with pytest.raises(WeightsError, match=r"the name says sha256 d5d2fc3d\.\.\., the file's is"):
@@ -188,7 +188,7 @@ def test_wrong_weights_are_refused_with_what_was_expected(weights: dict[str, Pat
     assert (method.name, method.model, method.weights_sha256) == ("lungmask", "R231", sha)
     lobes = LearnedLungs("LTRCLobes", weights["random6"], fusion_weights=weights["random3"], device="cpu")
     assert lobes.method.model == "LTRCLobes+R231 fusion"
-    assert lobes.method.weights_sha256 == file_sha256(weights["random6"])
+    assert lobes.method.weights_sha256 == sha256_file(weights["random6"])
     assert lobes.method.note == f"fusion weights sha256 {sha}"
 
 
@@ -369,7 +369,7 @@ def test_analyze_with_lungmask_end_to_end(tmp_path: Path, weights: dict[str, Pat
                          timeout=600, check=False)
     assert res.returncode == 0, res.stderr[-3000:]
     out = json.loads(res.stdout)  # lungmask's own log (stdout) must not get in the way
-    sha = file_sha256(weights["band"])
+    sha = sha256_file(weights["band"])
     assert out["segmentation"] == {"method": "lungmask", "model": "R231", "weights_sha256": sha}
     assert out["timings_s"]["segment_lungmask"] > 0 and "segment" not in out["timings_s"]
     volume = load_series(sorted(dicom_dir.glob("*.dcm")))

@@ -28,7 +28,7 @@ import numpy as np
 from model.errors import AnalysisError
 from model.lungs import LungParams, segment_lungs
 from model.preprocess import PreprocessConfig, preprocess_array
-from model.registry import read_card
+from model.registry import read_card, sha256_file
 from model.volume import CTVolume, load_series
 from node.errors import DatasetError
 from node.settings import Settings
@@ -107,14 +107,6 @@ def tensor_relpath(pseudo_study_uid: str, params: dict[str, Any]) -> str:
     return f"tensors/{tensor_key(pseudo_study_uid, params)}.npy"
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _atomic(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_bytes(data)
@@ -137,7 +129,7 @@ def cached_tensor(settings: Settings, pseudo_study_uid: str,
         value = side.read_text().strip()
         if len(value) == 64:
             return CachedTensor(rel, value)
-    value = _sha256(path)
+    value = sha256_file(path)
     _atomic(side, value.encode())
     return CachedTensor(rel, value)
 
@@ -168,7 +160,7 @@ def write_tensor(settings: Settings, pseudo_study_uid: str, volume: CTVolume,
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with tmp.open("wb") as fh:
         np.save(fh, array, allow_pickle=False)
-    value = _sha256(tmp)
+    value = sha256_file(tmp)
     tmp.replace(path)
     _atomic(path.with_suffix(".sha256"), value.encode())
     return CachedTensor(rel, value)
