@@ -353,6 +353,26 @@ def test_identity_in_an_unlisted_attribute_stops_the_copy(tmp_path: Path) -> Non
     assert not list((tmp_path / "archive").rglob("*.dcm"))
 
 
+def test_an_invented_name_that_contains_the_source_name_is_not_a_leak(tmp_path: Path) -> None:
+    """With this salt dicognito renames operator ``SON^J`` to ``WILKERSON^JODY^...``: the source's
+    characters inside a longer invented name are no identity, and the copy is written (refusing it
+    once failed a study at random in CI); the same name standing alone in free text still stops it."""
+    def operator(ds: Dataset) -> None:
+        ds.OperatorsName = "SON^J"
+
+    src = copy_series(B40F, tmp_path / "src", operator, count=1)
+    archived = anonymize(selected_of(src), tmp_path / "archive", {}, salt="collide-0151")
+    assert "SON^J" in str(pydicom.dcmread(archived.paths[0]).OperatorsName).upper()
+
+    def quoted(ds: Dataset) -> None:
+        ds.OperatorsName = "SON^J"
+        ds.FilterType = "checked by son^j."  # a kept attribute: only the final check can catch it
+
+    src = copy_series(B40F, tmp_path / "src2", quoted, count=1)
+    with pytest.raises(AnonymizationError, match="remains in FilterType"):
+        anonymize(selected_of(src), tmp_path / "archive2", {}, salt="collide-0151")
+
+
 def test_patient_characteristics_can_be_removed(tmp_path: Path) -> None:
     archived = anonymize(selected_of(B40F), tmp_path, {}, salt=SALT, retain_patient_characteristics=False)
     ds = pydicom.dcmread(archived.paths[0])

@@ -325,15 +325,30 @@ def _secrets(ds: Dataset) -> set[str]:
     return found
 
 
+def _secret_pattern(secrets: set[str]) -> re.Pattern[str] | None:
+    """One pattern that finds any secret standing as a whole token (no letter or digit beside it).
+
+    Whole tokens, not substrings: dicognito's invented names are drawn from long lists, so an
+    operator ``FORD^JO`` may be renamed ``BRADFORD^JOHN^...``; that holds the characters of the
+    source but not its identity, and refusing it failed the archive of about one study in a few
+    hundred at random. A source value copied anywhere into text (``seen by FORD^JO``) is still
+    caught.
+    """
+    if not secrets:
+        return None
+    alternatives = "|".join(re.escape(s) for s in sorted(secrets, key=len, reverse=True))
+    return re.compile(f"(?<![^\\W_])(?:{alternatives})(?![^\\W_])")
+
+
 def _check_clean(ds: Dataset, secrets: set[str], replaced: Mapping[str, str], sop: str) -> None:
     originals = set(replaced) - set(replaced.values())
+    pattern = _secret_pattern(secrets)
     for keyword, vr, text in _walk_values(ds):
         if vr == "UI":
             if text in originals:
                 raise AnonymizationError(f"SOP {sop}: original UID left in {keyword} after de-identification")
             continue
-        upper = text.upper()
-        if any(s in upper for s in secrets):
+        if pattern is not None and pattern.search(text.upper()):
             raise AnonymizationError(
                 f"SOP {sop}: an identifying value of the source remains in {keyword} after "
                 "de-identification; the archive copy was not written")
