@@ -116,6 +116,12 @@ class LungMasks:
     """``uint8`` label volume on the volume's grid when a lobe model made the masks (lungmask's
     LTRCLobes labels: 1 left upper, 2 left lower, 3 right upper, 4 right middle, 5 right lower
     lobe, 0 elsewhere); ``None``: no lobes."""
+    segments: np.ndarray | None = None
+    """The segment-major ``(3 + lobes with voxels, z, y, x)`` bool stack of the DICOM SEG's
+    segments when the analysis arranged one (:func:`node.pipeline.analyse`): ``left`` and
+    ``right`` are its layers 0 and 1, the quantification's opacity mask layer 2, the lobes with
+    voxels (in label order) layers 3, ...; the SEG is built from it without a copy
+    (:func:`node.stages.reports.seg.build_segmentation`).  ``None``: separate arrays."""
 
     @property
     def both(self) -> np.ndarray:

@@ -17,7 +17,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +53,7 @@ from node.records import SelectedSeries
 from node.settings import AnalysisSettings, SelectionSettings, Settings
 from node.stages.anonymize import anonymize
 from node.stages.reports import ReportContext, ResultObjects, build_reports
+from node.stages.reports.seg import share_segment_stack
 from node.stages.selection import SelectionRules, select_series
 from node.work.claim import for_update
 from node.work.jobs import ClaimedJob, finish_job_failed, renew_lease
@@ -120,6 +121,12 @@ def analyse(selected: SelectedSeries, settings: AnalysisSettings,
     timings.update(seg_timings)
     # an abdominal CT or a scan of one lung: no severity (it would read CT-0), the study is rejected
     require_lungs(quant, volume.series_instance_uid, min_total_ml=settings.min_lung_volume_ml)
+    # the lungs, the opacity and the lobes as layers of one stack, the SEG's pixels: the reports
+    # then pass it to highdicom without a full-size copy (471 MB for 600 slices of 512x512, at the
+    # memory peak); the separate arrays are freed when masks and quant are rebound here
+    masks, opacity = share_segment_stack(masks, quant.opacity_mask)
+    quant = replace(quant, opacity_mask=opacity)
+    del opacity
     prediction = None
     if predictor is not None:
         t0 = time.perf_counter()

@@ -28,6 +28,7 @@ overlapping segments), and highdicom itself decides Segments Overlap.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 
 import highdicom as hd
 import numpy as np
@@ -41,7 +42,8 @@ from model.quantify import LOBES
 from node.errors import ReportError
 from node.stages.reports import codes as lc
 
-__all__ = ["LOBE_COLOURS", "SEGMENT_COLOURS", "SEGMENT_LABELS", "build_segmentation", "lobe_labels"]
+__all__ = ["LOBE_COLOURS", "SEGMENT_COLOURS", "SEGMENT_LABELS", "build_segmentation", "lobe_labels",
+           "share_segment_stack"]
 
 SEGMENT_LABELS = ("Left lung", "Right lung", "Lung opacity")
 """Segment labels in segment-number order (1, 2, 3)."""
@@ -105,9 +107,8 @@ def _lung_segment(number: int, side: str, algorithm: hd.AlgorithmIdentificationS
     return description
 
 
-def _segment_stack(masks: LungMasks, opacity: np.ndarray) -> np.ndarray:
-    """``(z, y, x, segment)`` view over a segment-major array (one contiguous volume a segment)."""
-    labels = lobe_labels(masks.lobes)
+def _new_stack(masks: LungMasks, opacity: np.ndarray, labels: Sequence[int]) -> np.ndarray:
+    """A new segment-major ``(segment, z, y, x)`` array of the SEG's segments (one volume each)."""
     stack = np.empty((3 + len(labels), *masks.left.shape), dtype=bool)
     stack[0] = masks.left
     stack[1] = masks.right
@@ -115,7 +116,50 @@ def _segment_stack(masks: LungMasks, opacity: np.ndarray) -> np.ndarray:
     if masks.lobes is not None:
         for i, label in enumerate(labels):
             np.equal(masks.lobes, label, out=stack[3 + i])
+    return stack
+
+
+def _is_shared_stack(masks: LungMasks, opacity: np.ndarray, labels: Sequence[int]) -> bool:
+    """Whether ``masks.segments`` is the stack whose layers these masks are (:func:`share_segment_stack`)."""
+    stack = masks.segments
+    if stack is None or stack.dtype != np.bool_ or stack.shape != (3 + len(labels), *masks.left.shape):
+        return False
+    return all(layer.shape == stack[i].shape and layer.strides == stack[i].strides
+               and np.shares_memory(layer, stack[i])
+               for i, layer in enumerate((masks.left, masks.right, opacity)))
+
+
+def share_segment_stack(masks: LungMasks, opacity: np.ndarray) -> tuple[LungMasks, np.ndarray]:
+    """The masks and the opacity mask as layers of one segment-major stack, the SEG's segments.
+
+    Copies ``masks.left``, ``masks.right``, ``opacity`` and each lobe with voxels
+    (:func:`lobe_labels`) into one new ``(3 + lobes, z, y, x)`` bool array and
+    returns new masks whose ``left``, ``right`` are views of its layers 0 and 1
+    (``segments`` the stack) and the view of layer 2 for the opacity mask.
+    Once the caller drops the old masks and opacity mask, their arrays are
+    freed, and :func:`build_segmentation` passes the stack to highdicom without
+    another full-size copy.
+    """
+    stack = _new_stack(masks, opacity, lobe_labels(masks.lobes))
+    return replace(masks, left=stack[0], right=stack[1], segments=stack), stack[2]
+
+
+def _segment_stack(masks: LungMasks, opacity: np.ndarray) -> np.ndarray:
+    """``(z, y, x, segment)`` view over a segment-major array (one contiguous volume a segment).
+
+    The masks' own stack when they are its layers (:func:`share_segment_stack`), else a new one.
+    """
+    labels = lobe_labels(masks.lobes)
+    stack = masks.segments if _is_shared_stack(masks, opacity, labels) else None
+    if stack is None:
+        stack = _new_stack(masks, opacity, labels)
     return np.moveaxis(stack, 0, -1)
+
+
+def _filled_z_range(pixels: np.ndarray) -> tuple[int, int]:
+    """The first and one past the last slice of a ``(z, y, x, segment)`` array with a segmented pixel."""
+    filled = np.flatnonzero(pixels.any(axis=(1, 2, 3)))
+    return (int(filled[0]), int(filled[-1]) + 1) if filled.size else (0, pixels.shape[0])
 
 
 def build_segmentation(sources: Sequence[Dataset], masks: LungMasks, opacity: np.ndarray, *,
@@ -130,7 +174,9 @@ def build_segmentation(sources: Sequence[Dataset], masks: LungMasks, opacity: np
         Cleaned headers of the analysed images (:func:`node.stages.reports.source.clean_headers`)
         in the masks' z order.
     masks, opacity:
-        Boolean ``(z, y, x)`` masks on the source grid.
+        Boolean ``(z, y, x)`` masks on the source grid.  When they are the layers of
+        ``masks.segments`` (:func:`share_segment_stack`, as the analysis holds them), that
+        stack goes to highdicom as it is; otherwise the segments are copied into a new one.
     algorithm_name, algorithm_version:
         The segmentation algorithm's identity (Algorithm Identification).
     series_number, manufacturer, institution_name:
@@ -165,9 +211,19 @@ def build_segmentation(sources: Sequence[Dataset], masks: LungMasks, opacity: np
             display_color=hd.color.CIELabColor.from_rgb(*SEGMENT_COLOURS[2])),
         *(_lobe_segment(4 + i, label, algorithm) for i, label in enumerate(lobe_labels(masks.lobes))),
     ]
+    pixels = _segment_stack(masks, opacity)
+    # only the slices from the first to the last with a segmented pixel, at their source positions:
+    # the empty frames outside are left out anyway (omit_empty_frames), and highdicom's checks
+    # (among them an int64 sum over the segments of every pixel) then cover fewer slices
+    z0, z1 = _filled_z_range(pixels)
+    plane_positions = None
+    if (z0, z1) != (0, len(sources)):
+        pixels = pixels[z0:z1]
+        plane_positions = hd.utils.get_plane_positions_of_series(sources)[z0:z1]
     seg = hd.seg.Segmentation(
         source_images=list(sources),
-        pixel_array=_segment_stack(masks, opacity),
+        pixel_array=pixels,
+        plane_positions=plane_positions,
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=descriptions,
         series_instance_uid=hd.UID(),
