@@ -16,6 +16,7 @@ from scipy import ndimage as ndi
 
 from model import morph
 from model.errors import NoLungsError
+from model.halo import vessel_halo_mm
 from model.lungs import LungMasks, block_mean, slice_group, upsample_mask
 from model.volume import CTVolume
 
@@ -65,6 +66,9 @@ class QuantifyParams:
     """A vessel counts as opacity when this share of the lung around it is opacity."""
     target_noise_hu: float = 15.0
     """The smoothing brings the parenchyma's noise down to about this SD."""
+    max_halo_mm: float = 4.0
+    """The vessel zone reaches as far as the image's own vessel halo (:mod:`model.halo`), at least
+    one grid pixel and at most this far."""
     extensive_opacity_percent: float = 30.0
     """From this whole-lung PO on, a quality flag says PO may read low: dense disease against
     the mediastinum and in the paravertebral gutters has no air beside it and can stay out of
@@ -121,6 +125,11 @@ class Quantification:
     """Human-readable caveats (partial coverage, thick slices, ...)."""
     noise_hu: float | None = None
     """Noise SD in the lung parenchyma (HU), when it could be measured."""
+    vessel_halo_mm: float | None = None
+    """How far the vessels' partial-volume halo stays above the ground-glass threshold (mm), as
+    measured by :func:`model.halo.vessel_halo_mm`; ``None``: not measurable, or not used because
+    the opacity is extensive (:attr:`QuantifyParams.extensive_opacity_percent`), where the halo is
+    partly disease; one grid pixel is used then."""
     lobes: tuple[LobeMeasurement, ...] = ()
     """The five lobes in label order when a lobe model made the masks; empty: no lobes."""
 
@@ -312,7 +321,8 @@ def _smooth_in_lung(hu: np.ndarray, lung: np.ndarray, sigma: float) -> np.ndarra
 
 
 def _opacity(hu: np.ndarray, lung: np.ndarray, thresholds: OpacityThresholds, params: QuantifyParams,
-             pixel_mm: float, voxel_mm3: float, sigma: float, rim_mm: float) -> tuple[np.ndarray, np.ndarray]:
+             pixel_mm: float, voxel_mm3: float, sigma: float, rim_mm: float, halo_px: float
+             ) -> tuple[np.ndarray, np.ndarray]:
     """Opacity and high-opacity masks on the reduced grid (steps: :func:`quantify`)."""
     light = _smooth_in_lung(hu, lung, 0.7)
     bright = lung & (light > thresholds.opacity_high)
@@ -320,7 +330,7 @@ def _opacity(hu: np.ndarray, lung: np.ndarray, thresholds: OpacityThresholds, pa
     solid = blobs & (light <= thresholds.high_opacity_high)
     dense = lung & (light >= thresholds.opacity_low)
     thin = dense & ~morph.opening(dense, _disk(rim_mm / pixel_mm))
-    vessel_zone = morph.dilate((bright & ~blobs) | thin, _disk(1.0)) & lung
+    vessel_zone = morph.dilate((bright & ~blobs) | thin, _disk(halo_px)) & lung
     # a vessel filled with contrast reads above high_opacity_high; inside ground glass it is involved
     # lung all the same (as an unenhanced one is)
     in_range = vessel_zone & (light >= thresholds.opacity_low)
@@ -402,8 +412,10 @@ def quantify(volume: CTVolume, masks: LungMasks, thresholds: OpacityThresholds =
       (vessels, bronchial walls); structures in the opacity range thinner than
       the rim radius (``rim_radius_mm``, by default 0.45 slice thickness and at
       least 1.5 mm: thick slices smear oblique vessels into faint bands) are
-      partial volume of vessels, fissures and pleura.  Both, with a one-voxel
-      halo, are not opacity, unless their surrounding ring is mostly opacity
+      partial volume of vessels, fissures and pleura.  Both, with a halo as
+      wide as the image's own (:func:`model.halo.vessel_halo_mm`: a smooth
+      kernel spreads vessels wider than a sharp one; at least one grid voxel,
+      at most ``max_halo_mm``), are not opacity, unless their surrounding ring is mostly opacity
       (``ring_fraction``): a vessel inside ground glass is involved lung,
       whether or not it is filled with contrast.  Bright regions wider than
       the disk (consolidation, a tumour) stay;
@@ -441,6 +453,7 @@ def quantify(volume: CTVolume, masks: LungMasks, thresholds: OpacityThresholds =
     box = _lung_box(masks, f, fz)
     opacity_full = np.zeros(volume.shape, dtype=bool)
     noise: float | None = None
+    halo: float | None = None
     left_box, right_box = masks.left[box], masks.right[box]
     voxel_ml = volume.voxel_volume_ml
     # left and right do not overlap (segment_lungs gives each voxel to one lung), so the lung
@@ -461,7 +474,18 @@ def quantify(volume: CTVolume, masks: LungMasks, thresholds: OpacityThresholds =
         if rim_mm is None:
             rim_mm = max(1.5, 0.45 * max(volume.slice_thickness, volume.spacing[0] * fz))
         voxel_mm3 = volume.spacing[0] * volume.spacing[1] * volume.spacing[2] * f * f * fz
-        opacity, high = _opacity(hu, lung, thresholds, params, px_mm * f, voxel_mm3, sigma, rim_mm)
+        halo = vessel_halo_mm(volume, masks, level=thresholds.opacity_low, core_hu=thresholds.opacity_high)
+        halo_px = 1.0 if halo is None else float(np.clip(halo, 0.0, params.max_halo_mm)) / (px_mm * f)
+        opacity, high = _opacity(hu, lung, thresholds, params, px_mm * f, voxel_mm3, sigma, rim_mm,
+                                 max(1.0, halo_px))
+        if halo is not None and 100.0 * float((lung_n * opacity).sum()) / float(lung_n.sum()) >= (
+                params.extensive_opacity_percent):
+            # extensive disease lines the vessels too: the measured halo is then partly disease, and
+            # widening the vessel zone by it cost up to 0.8 points at 55-60 % involvement
+            halo = None
+            if halo_px > 1.0:
+                opacity, high = _opacity(hu, lung, thresholds, params, px_mm * f, voxel_mm3, sigma, rim_mm,
+                                         1.0)
         del hu, lung
         # the opacity mask on the volume's grid, slice by slice (no full-size temporaries)
         out = opacity_full[box]
@@ -470,8 +494,8 @@ def quantify(volume: CTVolume, masks: LungMasks, thresholds: OpacityThresholds =
             marked = upsample_mask(opacity[k], f, plane)
             for z in range(k * fz, min((k + 1) * fz, out.shape[0])):
                 out[z] = marked & (left_box[z] | right_box[z])
-        logger.debug("series %s: noise %s HU, smoothing sigma %.2f px of %.2f mm",
-                     volume.series_instance_uid, noise, sigma, px_mm * f)
+        logger.debug("series %s: noise %s HU, smoothing sigma %.2f px of %.2f mm, vessel halo %s mm",
+                     volume.series_instance_uid, noise, sigma, px_mm * f, halo)
     # counted per block of the reduced grid: the same as counting the full-resolution masks with
     # the opacity flags upsampled to them, without passes over the full volume
     left = _measure(left_n, opacity, high, voxel_ml)
@@ -489,7 +513,7 @@ def quantify(volume: CTVolume, masks: LungMasks, thresholds: OpacityThresholds =
         left=left, right=right, total=total,
         severity_category=category_for(total.percent_opacity, normal_below_percent),
         thresholds=thresholds, opacity_mask=opacity_full, quality_flags=tuple(flags),
-        noise_hu=noise, lobes=lobes,
+        noise_hu=noise, lobes=lobes, vessel_halo_mm=halo,
     )
 
 

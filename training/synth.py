@@ -63,7 +63,7 @@ import json
 import logging
 import math
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -105,6 +105,12 @@ class SynthSpec:
     pixel_spacing_mm: float | None = None
     """``None``: field of view = body width + a seeded margin."""
     kernel: str = "B40f"
+    psf_mm: float | None = None
+    """In-plane point spread of the reconstruction (Gaussian sigma, mm); ``None``: the kernel's
+    (0.3 sharp, 0.6 smooth). Wider for a softer kernel (a Philips "B", a Siemens B30f)."""
+    parenchyma_offset_hu: float = 0.0
+    """Added to the drawn parenchyma density (about -880 to -825 HU): denser lungs, as in shallow
+    inspiration or a heavy patient's dependent lung, where vessel halos reach the ground-glass range."""
     contrast: bool = False
     """Intravenous contrast: blood, heart wall, liver, spleen and consolidation enhance (seeded levels)."""
     consolidation_fraction: float = 0.3
@@ -138,6 +144,9 @@ class SynthSpec:
              "and compress the files afterwards (DCMTK dcmcjpeg, dcmcrle, dcmcjpls)"),
             (1 <= self.series_number <= 99999, f"series_number must be 1..99999, not {self.series_number}"),
             (bool(self.kernel.strip()), "kernel must not be empty"),
+            (self.psf_mm is None or 0.0 <= self.psf_mm <= 3.0, f"psf_mm must be 0..3, not {self.psf_mm}"),
+            (-100.0 <= self.parenchyma_offset_hu <= 200.0,
+             f"parenchyma_offset_hu must be -100..200, not {self.parenchyma_offset_hu}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -269,6 +278,8 @@ class _Generated:
 
 def _generate(spec: SynthSpec) -> _Generated:
     an = anat.draw_anatomy(spec.seed)
+    if spec.parenchyma_offset_hu:
+        an = replace(an, lung_hu=an.lung_hu + spec.parenchyma_offset_hu)
     lay = _layout(spec, an)
     n, rows = len(lay.z), spec.rows
     grid = anat.SliceGrid(z=lay.z, y=lay.y, x=lay.x)
@@ -370,7 +381,7 @@ def _reconstruct(spec: SynthSpec, an: anat.Anatomy, lay: _Layout, hu: np.ndarray
     """Point spread, kernel edge enhancement and noise, slice by slice, in place."""
     sharp = kernel_is_sharp(spec.kernel)
     ps = lay.pixel_spacing
-    psf = (0.3 if sharp else 0.6) / ps
+    psf = (spec.psf_mm if spec.psf_mm is not None else 0.3 if sharp else 0.6) / ps
     corr = (0.45 if sharp else 0.9) / ps
     sd = _noise_sd(spec, an)
     rng = np.random.default_rng([spec.seed, 7, spec.series_number])
