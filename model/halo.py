@@ -14,9 +14,10 @@ distance at which it falls below the ground-glass threshold.
 
 from __future__ import annotations
 
+import cv2
 import numpy as np
-from scipy import ndimage as ndi
 
+from model import morph
 from model.lungs import LungMasks
 from model.volume import CTVolume
 
@@ -26,6 +27,7 @@ _SHELL_MM = 0.5
 _REACH_MM = 6.0
 _BACKGROUND_MM = (4.0, 6.0)
 _EDGE_MM = 3.0  # lung within this of the pleura is left out: the chest wall has a halo too
+_CROSS = np.array([[0, 1, 0], [1, 1, 1], [0, 1, 0]], dtype=bool)  # scipy's default structure
 
 
 def vessel_halo_mm(volume: CTVolume, masks: LungMasks, *, level: float, core_hu: float,
@@ -59,11 +61,14 @@ def vessel_halo_mm(volume: CTVolume, masks: LungMasks, *, level: float, core_hu:
         box = (slice(ys.min(), ys.max() + 1), slice(xs.min(), xs.max() + 1))
         lung = lung[box]
         hu = volume.hu[z][box].astype(np.float32)
-        inner = ndi.binary_erosion(lung, iterations=erode)
-        cores = ndi.binary_opening(lung & (hu > core_hu))
+        # OpenCV through model.morph: scipy's erosion, opening and distance took 12 ms a slice
+        inner = morph.erode(lung, _CROSS, iterations=erode)
+        cores = morph.opening(lung & (hu > core_hu), _CROSS)
         if not cores.any() or not inner.any():
             continue
-        distance = ndi.distance_transform_edt(~cores, sampling=spacing)
+        # Euclidean distance in pixels (in-plane pixels are square in CT), then in mm
+        pixels = cv2.distanceTransform((~cores).view(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
+        distance = np.asarray(pixels, dtype=np.float32) * np.float32((spacing[0] + spacing[1]) / 2.0)
         around = inner & ~cores
         index = np.searchsorted(edges, distance[around], side="left") - 1
         values = hu[around]
