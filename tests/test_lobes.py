@@ -32,7 +32,7 @@ from node.stages.reports import ReportContext, ResultObjects, build_reports
 from node.stages.reports import codes as lc
 from node.stages.reports.summary import summary_lines
 from tests.conftest import write_config
-from tests.test_lungmask import band_state_dict
+from tests.test_lungmask import band_state_dict, paint_slices
 from tests.test_reports import dciodvfy_errors
 from training.synth import SynthSpec, write_study
 
@@ -114,19 +114,15 @@ def lobe_study(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, np.ndarr
     labels = _cut(study.directory)
     lungs = np.load(study.directory / "truth.npz")
     body_lung = lungs["right_lung"] | lungs["left_lung"]
-    volume = load_series(list(study.paths))
-    by_uid = {pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID: p for p in study.paths}
     rng = np.random.default_rng(5)
-    for z, uid in enumerate(volume.sop_instance_uids):
-        ds = pydicom.dcmread(by_uid[uid])
-        hu = ds.pixel_array.astype(np.float64) * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+
+    def paint(z: int, hu: np.ndarray) -> None:
         hu[body_lung[z]] = 40.0  # the tissue between lobes
         for lobe, value in LOBE_HU.items():
             mask = labels[z] == lobe
             hu[mask] = value + rng.normal(0.0, 3.0, int(mask.sum()))
-        stored = np.round((hu - float(ds.RescaleIntercept)) / float(ds.RescaleSlope))
-        ds.PixelData = stored.astype(ds.pixel_array.dtype).tobytes()
-        ds.save_as(by_uid[uid], enforce_file_format=True)
+
+    paint_slices(study.paths, paint)
     return study.dicom_dir, labels
 
 

@@ -19,7 +19,7 @@ import json
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -332,6 +332,19 @@ def test_the_node_refuses_to_start_without_usable_weights(tmp_path: Path, weight
     assert "have 6 output classes; R231 needs 3" in res.output
 
 
+def paint_slices(paths: Sequence[Path], paint: Callable[[int, np.ndarray], None]) -> None:
+    """Rewrite each slice's HU in place: ``paint(z, hu)`` with ``z`` in the loaded volume's order."""
+    volume = load_series(list(paths))
+    by_uid = {pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID: p for p in paths}
+    for z, uid in enumerate(volume.sop_instance_uids):
+        ds = pydicom.dcmread(by_uid[uid])
+        hu = ds.pixel_array.astype(np.float64) * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+        paint(z, hu)
+        stored = np.round((hu - float(ds.RescaleIntercept)) / float(ds.RescaleSlope))
+        ds.PixelData = stored.astype(ds.pixel_array.dtype).tobytes()
+        ds.save_as(by_uid[uid], enforce_file_format=True)
+
+
 @pytest.fixture
 def sided_study(tmp_path: Path) -> Iterator[tuple[Path, np.ndarray]]:
     """A 5-slice synthetic study whose patient-right lung reads -930 HU and left lung -750 HU
@@ -341,17 +354,13 @@ def sided_study(tmp_path: Path) -> Iterator[tuple[Path, np.ndarray]]:
     truth = np.load(study.directory / "truth.npz")  # z in increasing position: the volume's order
     grow = np.ones((1, 5, 5), dtype=bool)
     right, left = (ndi.binary_dilation(truth[k], grow) for k in ("right_lung", "left_lung"))
-    volume = load_series(list(study.paths))
-    by_uid = {pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID: p for p in study.paths}
     rng = np.random.default_rng(3)
-    for z, uid in enumerate(volume.sop_instance_uids):
-        ds = pydicom.dcmread(by_uid[uid])
-        hu = ds.pixel_array.astype(np.float64) * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+
+    def paint(z: int, hu: np.ndarray) -> None:
         for mask, value in ((right[z], RIGHT_HU), (left[z], LEFT_HU)):
             hu[mask] = value + rng.normal(0.0, 4.0, int(mask.sum()))
-        stored = np.round((hu - float(ds.RescaleIntercept)) / float(ds.RescaleSlope))
-        ds.PixelData = stored.astype(ds.pixel_array.dtype).tobytes()
-        ds.save_as(by_uid[uid], enforce_file_format=True)
+
+    paint_slices(study.paths, paint)
     yield study.dicom_dir, right
 
 
