@@ -152,7 +152,8 @@ def test_max_associations_counts_admitted_associations(listener: Callable[..., L
         assert all(a.is_established for a in held)
         third = ae.associate("127.0.0.1", lst.port, ae_title="LUNGNODE")
         assert third.is_rejected
-        assert "max_associations is 2" in (lst.audit("association-refused")[0].detail or "")
+        refused = wait_for(lambda: lst.audit("association-refused"), 60, 0.1, "the refusal's audit row")
+        assert "max_associations is 2" in (refused[0].detail or "")
         held[0].release()
         wait_for(lambda: lst.scp.active_associations <= 1, 30, 0.05, "the release")
         again = ae.associate("127.0.0.1", lst.port, ae_title="LUNGNODE")

@@ -33,7 +33,7 @@ from node.errors import ConfigError, DeliveryError
 from node.migrate import upgrade
 from node.settings import Peer, Settings
 from tests.conftest import B40F
-from tests.dcmtk import StoreSCP, echoscu, free_port, storescu
+from tests.dcmtk import StoreSCP, echoscu, free_port, storescu, wait_for
 from tests.peers import Orthanc
 from tests.test_ingest import Listener, _files_under, listener  # noqa: F401 - the fixture
 
@@ -145,7 +145,8 @@ def test_tls_port_refuses_senders_without_a_trusted_certificate(
     expected = {"no-certificate": "presented no client certificate",
                 "untrusted-certificate": "client certificate was not accepted",
                 "plain-dicom": "did not speak TLS"}[case]
-    details = _refusals(lst)
+    # storescu can exit before the node's connection thread has written the refusal's audit row
+    details = wait_for(lambda: _refusals(lst), 60, what="the refusal's audit row")
     assert len(details) == 1 and expected in details[0] and f"port {tls_port}" in details[0]
     # the listener still serves a sender with a good certificate
     storescu(sorted(B40F.iterdir())[:1], "127.0.0.1", tls_port, "LUNGNODE",
