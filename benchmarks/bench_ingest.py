@@ -81,7 +81,7 @@ def storescu_time(dirs: list[Path], port: int, aet: str, nodelay: bool) -> float
 
 @contextmanager
 def lungnode(tmp: Path, db_url: str, orthanc: Orthanc | None = None, *,
-             fsync: bool | None = None) -> Iterator[tuple[int, str]]:
+             fsync: bool | None = None, max_pdu: int | None = None) -> Iterator[tuple[int, str]]:
     """``lungnode serve`` with its defaults except where given (None: the default)."""
     port = free_port()
     peers = [("STORESCU", 104)]
@@ -89,6 +89,7 @@ def lungnode(tmp: Path, db_url: str, orthanc: Orthanc | None = None, *,
     lines = [
         "log_level = 'WARNING'",
         "[dicom]", "host = '127.0.0.1'", f"port = {port}", "max_associations = 16",
+        *([f"max_pdu = {max_pdu}"] if max_pdu is not None else []),
         "[storage]", f"root = '{tmp / ('storage-' + cfg.stem)}'", "min_free_mb = 100",
         *([f"fsync = {str(fsync).lower()}"] if fsync is not None else []),
         "[database]", f"url = '{db_url}'",

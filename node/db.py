@@ -25,7 +25,7 @@ from sqlalchemy import (
     create_engine,
     event,
 )
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship, sessionmaker
 from sqlalchemy.types import TypeDecorator
 
@@ -432,10 +432,10 @@ def _pg_async_commit(dbapi_connection: object, connection_record: object) -> Non
 def _pg_transactional_again(dbapi_connection: object, connection_record: object) -> None:
     """A connection returns to the pool in transaction mode, whoever switched it to autocommit.
 
-    The catalog's fast path runs its one statement in autocommit; a connection
-    that came back to the pool still in autocommit (its holder collected
-    without ``close()``) would make ``SELECT ... FOR UPDATE`` of the next user
-    lock nothing, and two workers could claim one job.
+    A connection that came back to the pool still in autocommit (a holder that
+    switched it, through the driver, and was collected without ``close()``)
+    would make ``SELECT ... FOR UPDATE`` of the next user lock nothing, and two
+    workers could claim one job; the node itself never switches it.
     """
     if dbapi_connection is not None and getattr(dbapi_connection, "autocommit", False):
         dbapi_connection.autocommit = False  # type: ignore[attr-defined]
@@ -477,8 +477,16 @@ def _disable_pysqlite_begin(dbapi_connection: object, connection_record: object)
     dbapi_connection.isolation_level = None  # type: ignore[attr-defined]
 
 
-def _sqlite_begin_immediate(conn: object) -> None:
-    conn.exec_driver_sql("BEGIN IMMEDIATE")  # type: ignore[attr-defined]
+SINGLE_READ = {"lungnode_single_read": True}
+"""Execution options of a connection that runs one reading statement: on SQLite it takes no lock
+(no ``BEGIN IMMEDIATE``; the statement is its own snapshot), so the receiver's per-instance lookup
+does not queue behind writers; elsewhere it changes nothing."""
+
+
+def _sqlite_begin_immediate(conn: Connection) -> None:
+    if conn.get_execution_options().get("lungnode_single_read"):
+        return  # pysqlite is in autocommit mode (_disable_pysqlite_begin): no transaction at all
+    conn.exec_driver_sql("BEGIN IMMEDIATE")
 
 
 def make_session_factory(engine: Engine) -> sessionmaker:  # type: ignore[type-arg]

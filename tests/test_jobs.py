@@ -254,8 +254,8 @@ def test_claims_skip_locked_rows_on_postgresql_only(sessions: sessionmaker[Sessi
 
 @pytest.mark.postgres
 def test_a_connection_left_in_autocommit_returns_to_the_pool_transactional() -> None:
-    """The catalog's fast path switches its connections to autocommit; a pooled
-    connection must never hand autocommit to the next user (FOR UPDATE would lock nothing)."""
+    """A pooled connection switched to autocommit through the driver must never hand autocommit
+    to the next user (FOR UPDATE would lock nothing)."""
     from node.db import make_engine
     from tests.conftest import PG_ADMIN_URL
 

@@ -18,7 +18,7 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from node.db import AuditEntry, Instance, Series, Study, utcnow
+from node.db import SINGLE_READ, AuditEntry, Instance, Series, Study, utcnow
 from node.records import StoredInstance, StoredStudy
 
 __all__ = ["Catalog", "InstanceRecord", "KnownInstance", "stored_study"]
@@ -85,16 +85,16 @@ class Catalog:
         self.series_ids: dict[str, int] = {}
 
     def has_instance(self, sop_instance_uid: str) -> bool:
-        with self.engine.connect() as conn:
+        with self.engine.connect().execution_options(**SINGLE_READ) as conn:
             return conn.execute(_INSTANCE_BY_UID, {"uid": sop_instance_uid}).first() is not None
 
     def instance_path(self, sop_instance_uid: str) -> str | None:
-        with self.engine.connect() as conn:
+        with self.engine.connect().execution_options(**SINGLE_READ) as conn:
             return conn.scalar(_INSTANCE_PATH_BY_UID, {"uid": sop_instance_uid})
 
     def known_instance(self, sop_instance_uid: str) -> KnownInstance | None:
         """The row of an instance already recorded, ``None`` for a new SOP Instance UID."""
-        with self.engine.connect() as conn:
+        with self.engine.connect().execution_options(**SINGLE_READ) as conn:
             row = conn.execute(_KNOWN_INSTANCE, {"uid": sop_instance_uid}).first()
         if row is None:
             return None
