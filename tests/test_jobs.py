@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import threading
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, text
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from node.db import AuditEntry, Job, JobState, Study, StudyState, make_engine, make_session_factory, utcnow
@@ -263,8 +265,34 @@ def test_a_connection_left_in_autocommit_returns_to_the_pool_transactional() -> 
     try:
         raw = engine.raw_connection()
         raw.driver_connection.autocommit = True
-        raw.close()  # back to the pool as the catalog's holder would leave it
+        raw.close()  # back to the pool as such a holder would leave it
         with engine.connect() as conn:
             assert conn.connection.driver_connection.autocommit is False
     finally:
         engine.dispose()
+
+
+def test_the_receivers_lookup_does_not_wait_for_a_sqlite_writer(tmp_path: Path) -> None:
+    """Every SQLite transaction starts with BEGIN IMMEDIATE (the claim's single writer); the
+    per-instance lookup of the receiver (``SINGLE_READ``) must not queue behind a writer that holds
+    the lock, and reads the committed state."""
+    url = f"sqlite:///{tmp_path / 'n.db'}"
+    upgrade(url)
+    sessions = make_session_factory(make_engine(url))
+    _receive(sessions, "1.2.9", 1)
+    catalog = Catalog(sessions)
+    writer = make_engine(url)
+    try:
+        with writer.begin() as conn:  # holds SQLite's write lock until the block ends
+            conn.execute(text("UPDATE studies SET reason = 'held'"))
+            known = catalog.known_instance("1.2.9.1.1")
+            assert known is not None and known.relative_path == "instances/x/0.dcm"
+            assert catalog.known_instance("1.2.9.1.2") is None
+            assert catalog.has_instance("1.2.9.1.1")
+            assert catalog.instance_path("1.2.9.1.1") == "instances/x/0.dcm"
+            with sessions.kw["bind"].connect() as other, pytest.raises(OperationalError,
+                                                                       match="locked"):
+                other.connection.driver_connection.execute("PRAGMA busy_timeout=50")
+                other.execute(text("SELECT 1"))  # an ordinary transaction waits for the lock
+    finally:
+        writer.dispose()
