@@ -169,7 +169,7 @@ def run_pair(pair: Pair) -> dict[str, float]:
 
     out: dict[str, float] = {"seed": pair.seed, "involvement": pair.involvement,
                              "thickness": pair.thickness_mm, "rows": pair.rows}
-    params = QuantifyParams(max_halo_mm=0.0) if pair.fixed_halo else QuantifyParams()
+    params = QuantifyParams(max_halo_mm=0.0, halo_ring_sd=0.0) if pair.fixed_halo else QuantifyParams()
     for kernel in ("B40f", "B70f"):
         ph = make_phantom(SynthSpec(seed=pair.seed, involvement=pair.involvement, kernel=kernel,
                                     rows=pair.rows, slice_thickness_mm=pair.thickness_mm,
@@ -267,7 +267,7 @@ def main() -> None:
         run_pairs(pair_set(args.kernel_pairs, args.pair_rows), args.jobs)
     if args.soft_pairs:
         for fixed in (False, True):
-            halo = "fixed at one voxel (before)" if fixed else "measured"
+            halo = "fixed at one voxel, no ring thresholds (before)" if fixed else "measured"
             print(f"\nsoft kernel pairs (psf 0.8-1.2 mm, parenchyma 0-100 HU denser; B40f column = the soft "
                   f"series), {args.pair_rows} rows, vessel halo {halo}:")
             run_pairs(soft_pair_set(args.soft_pairs, args.pair_rows, fixed), args.jobs)

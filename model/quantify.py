@@ -69,6 +69,15 @@ class QuantifyParams:
     max_halo_mm: float = 4.0
     """The vessel zone reaches as far as the image's own vessel halo (:mod:`model.halo`), at least
     one grid pixel and at most this far."""
+    halo_ring_sd: float = 6.0
+    """Next to the vessel zone and along the pleura, the first ring of grid pixels reads denser than
+    the lung further in wherever the reconstruction spreads vessels and chest wall into it (a soft
+    kernel; a sharp one's overshoot makes it read lower). Where that brings the ring's normal lung
+    within this many noise SD (of the smoothed HU) of ``opacity_low``, the ring's threshold is raised
+    by its measured excess over the background (:func:`_ring_threshold`); 0: never."""
+    max_halo_rim_mm: float = 2.5
+    """Where the halo reaches the threshold (a ring's threshold was raised), structures in the opacity
+    range thinner than the halo, up to this radius, are its partial volume too (:func:`_opacity`)."""
     extensive_opacity_percent: float = 30.0
     """From this whole-lung PO on, a quality flag says PO may read low: dense disease against
     the mediastinum and in the paravertebral gutters has no air beside it and can stay out of
@@ -321,9 +330,18 @@ def _smooth_in_lung(hu: np.ndarray, lung: np.ndarray, sigma: float) -> np.ndarra
 
 
 def _opacity(hu: np.ndarray, lung: np.ndarray, thresholds: OpacityThresholds, params: QuantifyParams,
-             pixel_mm: float, voxel_mm3: float, sigma: float, rim_mm: float, halo_px: float
-             ) -> tuple[np.ndarray, np.ndarray]:
-    """Opacity and high-opacity masks on the reduced grid (steps: :func:`quantify`)."""
+             pixel_mm: float, voxel_mm3: float, sigma: float, rim_mm: float, halo_px: float,
+             ring_noise_hu: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Opacity and high-opacity masks on the reduced grid (steps: :func:`quantify`).
+
+    ``ring_noise_hu``: the noise SD of the smoothed HU; given, the threshold is raised in the first
+    ring around the vessel zone and inside the pleura (:func:`_ring_threshold`). Where it is, the
+    halo reaches the threshold, and structures in the opacity range thinner than the halo (the rim
+    test at the halo's radius, up to ``max_halo_rim_mm``) are partial volume too: small vessels a
+    soft kernel has spread below ``opacity_high`` and widened beyond the rim radius. They are left out
+    of the ground glass but not widened by the halo (widening them, or using the halo as the rim
+    radius everywhere, also took the edges of ground-glass patches).
+    """
     light = _smooth_in_lung(hu, lung, 0.7)
     bright = lung & (light > thresholds.opacity_high)
     blobs = morph.opening(bright, _disk(params.vessel_radius_mm / pixel_mm))
@@ -334,11 +352,22 @@ def _opacity(hu: np.ndarray, lung: np.ndarray, thresholds: OpacityThresholds, pa
     # a vessel filled with contrast reads above high_opacity_high; inside ground glass it is involved
     # lung all the same (as an unenhanced one is)
     in_range = vessel_zone & (light >= thresholds.opacity_low)
-    del light, bright, blobs, dense, thin
+    del light, bright, blobs, thin
     support = lung & ~vessel_zone
     smooth = _smooth_in_lung(hu, support, sigma)
-    faint = support & (smooth >= thresholds.opacity_low) & (smooth <= thresholds.opacity_high)
+    low: np.ndarray | None = None
+    if ring_noise_hu is not None and params.halo_ring_sd > 0.0:
+        low = _ring_threshold(smooth, support, vessel_zone, lung, thresholds.opacity_low,
+                              params.halo_ring_sd * ring_noise_hu)
+    faint = support & (smooth >= (thresholds.opacity_low if low is None else low)) & (
+        smooth <= thresholds.opacity_high)
     del smooth
+    if low is not None:
+        halo_rim = max(rim_mm, min(params.max_halo_rim_mm, halo_px * pixel_mm))
+        halo_thin = dense & ~morph.opening(dense, _disk(halo_rim / pixel_mm)) & ~vessel_zone
+        faint &= ~halo_thin
+        in_range |= halo_thin
+    del dense
     lab, n = ndi.label(faint)
     specks = np.bincount(lab.ravel(), minlength=n + 1) * voxel_mm3 < params.min_opacity_mm3
     specks[0] = False
@@ -346,6 +375,53 @@ def _opacity(hu: np.ndarray, lung: np.ndarray, thresholds: OpacityThresholds, pa
     del lab
     opacity = faint | solid
     return opacity | _surrounded(in_range, opacity, lung, params.ring_fraction), solid
+
+
+_RING_QUANTILE = 20.0
+"""Ring and background are compared at this percentile: below the ground glass that disease adds
+to a ring (peripheral disease lines the pleura), so the comparison is of normal lung."""
+
+
+def _ring_threshold(smooth: np.ndarray, support: np.ndarray, zone: np.ndarray, lung: np.ndarray,
+                    level: float, margin: float) -> np.ndarray | None:
+    """Per-pixel ground-glass threshold: ``level``, raised in the first ring of pixels around the
+    vessel zone and in the first inside the pleura by how much that ring reads above the background.
+
+    Measured on ``smooth`` (the HU as classified): each ring's 20th percentile against that of the
+    lung more than one pixel from both (the background). A soft kernel spreads vessels and the
+    chest wall into these rings; on coarse pixels (1.8-2 mm) neither the vessel zone nor the rim test
+    can cover the part of a pixel that the spread reaches, and over dense lung the ring then reads as
+    ground glass. Raising the ring's threshold by its excess keeps its false-positive rate that of
+    the background. Only where it matters: when the background median plus the excess comes within
+    ``margin`` HU of ``level`` (:attr:`QuantifyParams.halo_ring_sd` noise SD: normal lung of the ring
+    can then reach the threshold);
+    elsewhere the ring keeps ``level`` and its ground glass. A ring that reads lower (a sharp kernel's
+    overshoot) keeps ``level``. ``None``: no ring raised.
+    """
+    out = np.full(smooth.shape, level, np.float32)
+    ring_v = np.zeros(smooth.shape, bool)
+    ring_b = np.zeros(smooth.shape, bool)
+    for k in np.nonzero(support.any(axis=(1, 2)))[0]:
+        # distance in grid pixels; the first ring is the 8-neighbourhood (distance 1 and 1.41)
+        dv = cv2.distanceTransform((~zone[k]).view(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
+        db = cv2.distanceTransform(lung[k].view(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
+        ring_v[k] = (dv >= 0.5) & (dv < 1.5)
+        ring_b[k] = (db >= 0.5) & (db < 1.5)
+    bg = support & ~ring_v & ~ring_b
+    ring_b &= ~zone
+    if np.count_nonzero(bg) < 500:
+        return None
+    base, med = (float(v) for v in np.percentile(smooth[bg], [_RING_QUANTILE, 50.0]))
+    raised = False
+    for ring in (ring_v, ring_b):
+        values = smooth[ring & support]
+        if values.size < 200:
+            continue
+        excess = float(np.percentile(values, _RING_QUANTILE)) - base
+        if excess > 0.0 and med + excess + margin >= level:
+            out[ring] = np.maximum(out[ring], level + excess)
+            raised = True
+    return out if raised else None
 
 
 def _surrounded(zone: np.ndarray, opacity: np.ndarray, lung: np.ndarray, fraction: float) -> np.ndarray:
@@ -421,6 +497,14 @@ def quantify(volume: CTVolume, masks: LungMasks, thresholds: OpacityThresholds =
       the disk (consolidation, a tumour) stay;
     - ground glass: voxels in ``[opacity_low, opacity_high]`` outside the
       vessel zone, less specks under ``min_opacity_mm3``;
+    - halo rings (with a measured halo, under ``extensive_opacity_percent``):
+      where the first ring of pixels around the vessel zone or inside the
+      pleura reads denser than the background by enough to bring its normal
+      lung within ``halo_ring_sd`` noise SD of ``opacity_low`` (a soft kernel
+      over dense lung), that ring's threshold rises by its excess and
+      structures thinner than the halo are left out of the ground glass
+      (:func:`_opacity`, :func:`_ring_threshold`): on 1.8-2 mm pixels the
+      vessel zone cannot widen by a fraction of a pixel;
     - PO counts ground glass and consolidation (``(opacity_high,
       high_opacity_high]``), as MosMedData counts involvement; PHO the latter.
 
@@ -467,9 +551,10 @@ def quantify(volume: CTVolume, masks: LungMasks, thresholds: OpacityThresholds =
         lung = lung_n * 2 >= sizes
         noise = _neighbour_noise(volume.hu[box], [left_box, right_box])
         q_noise = _neighbour_noise(hu, [lung])
-        sigma = 0.5
+        sigma, smooth_noise = 0.5, None
         if q_noise is not None:  # white-ish noise falls as 1 / (2 sigma sqrt(pi)) under a Gaussian
             sigma = float(np.clip(q_noise / (2.0 * np.sqrt(np.pi) * params.target_noise_hu), 0.5, 2.5))
+            smooth_noise = q_noise / (2.0 * np.sqrt(np.pi) * sigma)
         rim_mm = params.rim_radius_mm
         if rim_mm is None:
             rim_mm = max(1.5, 0.45 * max(volume.slice_thickness, volume.spacing[0] * fz))
@@ -477,13 +562,14 @@ def quantify(volume: CTVolume, masks: LungMasks, thresholds: OpacityThresholds =
         halo = vessel_halo_mm(volume, masks, level=thresholds.opacity_low, core_hu=thresholds.opacity_high)
         halo_px = 1.0 if halo is None else float(np.clip(halo, 0.0, params.max_halo_mm)) / (px_mm * f)
         opacity, high = _opacity(hu, lung, thresholds, params, px_mm * f, voxel_mm3, sigma, rim_mm,
-                                 max(1.0, halo_px))
+                                 max(1.0, halo_px), smooth_noise if halo is not None else None)
         if halo is not None and 100.0 * float((lung_n * opacity).sum()) / float(lung_n.sum()) >= (
                 params.extensive_opacity_percent):
-            # extensive disease lines the vessels too: the measured halo is then partly disease, and
-            # widening the vessel zone by it cost up to 0.8 points at 55-60 % involvement
+            # extensive disease lines the vessels and the pleura too: the measured halo and the rings'
+            # excess are then partly disease, and widening the vessel zone by it cost up to 0.8 points
+            # at 55-60 % involvement
             halo = None
-            if halo_px > 1.0:
+            if halo_px > 1.0 or params.halo_ring_sd > 0.0:
                 opacity, high = _opacity(hu, lung, thresholds, params, px_mm * f, voxel_mm3, sigma, rim_mm,
                                          1.0)
         del hu, lung
