@@ -137,7 +137,7 @@ class Pair:
     dense_hu: float = 0.0
     """Parenchyma made this much denser (the generator's ``parenchyma_offset_hu``)."""
     fixed_halo: bool = False
-    """Quantify with the old fixed one-voxel vessel halo instead of the measured one."""
+    """Quantify as before the measured halo: a fixed one-voxel vessel halo and no halo rings."""
 
 
 def soft_pair_set(n: int, rows: int, fixed_halo: bool = False) -> list[Pair]:
@@ -259,7 +259,7 @@ def main() -> None:
     ap.add_argument("--pair-rows", type=int, default=256, help="matrix of the kernel pairs' studies")
     ap.add_argument("--soft-pairs", type=int, default=20,
                     help="pairs with a softer smooth kernel and denser parenchyma (0: none); run twice, "
-                         "with the measured vessel halo and with the old fixed one-voxel halo")
+                         "as now and as before the measured halo (fixed one-voxel halo, no halo rings)")
     ap.add_argument("--only-pairs", action="store_true", help="only the kernel pairs and the real study")
     args = ap.parse_args()
     if args.kernel_pairs:
