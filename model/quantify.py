@@ -69,12 +69,12 @@ class QuantifyParams:
     max_halo_mm: float = 4.0
     """The vessel zone reaches as far as the image's own vessel halo (:mod:`model.halo`), at least
     one grid pixel and at most this far."""
-    halo_ring_sd: float = 6.0
+    halo_ring_sd: float = 3.0
     """Next to the vessel zone and along the pleura, the first ring of grid pixels reads denser than
     the lung further in wherever the reconstruction spreads vessels and chest wall into it (a soft
-    kernel; a sharp one's overshoot makes it read lower). Where that brings the ring's normal lung
-    within this many noise SD (of the smoothed HU) of ``opacity_low``, the ring's threshold is raised
-    by its measured excess over the background (:func:`_ring_threshold`); 0: never."""
+    kernel; a sharp one's overshoot makes it read lower). Where that brings the ring's median within
+    this many noise SD (of the smoothed HU) of ``opacity_low``, the ring's threshold is raised by its
+    measured excess over the background (:func:`_ring_threshold`); 0: never."""
     max_halo_rim_mm: float = 2.5
     """Where the halo reaches the threshold (a ring's threshold was raised), structures in the opacity
     range thinner than the halo, up to this radius, are its partial volume too (:func:`_opacity`)."""
@@ -392,11 +392,10 @@ def _ring_threshold(smooth: np.ndarray, support: np.ndarray, zone: np.ndarray, l
     chest wall into these rings; on coarse pixels (1.8-2 mm) neither the vessel zone nor the rim test
     can cover the part of a pixel that the spread reaches, and over dense lung the ring then reads as
     ground glass. Raising the ring's threshold by its excess keeps its false-positive rate that of
-    the background. Only where it matters: when the background median plus the excess comes within
-    ``margin`` HU of ``level`` (:attr:`QuantifyParams.halo_ring_sd` noise SD: normal lung of the ring
-    can then reach the threshold);
-    elsewhere the ring keeps ``level`` and its ground glass. A ring that reads lower (a sharp kernel's
-    overshoot) keeps ``level``. ``None``: no ring raised.
+    the background. Only where it matters: when the ring's median comes within ``margin`` HU of
+    ``level`` (:attr:`QuantifyParams.halo_ring_sd` noise SD: the ring's normal lung then reaches the
+    threshold); elsewhere the ring keeps ``level`` and its ground glass. A ring that reads lower (a
+    sharp kernel's overshoot) keeps ``level``. ``None``: no ring raised.
     """
     out = np.full(smooth.shape, level, np.float32)
     ring_v = np.zeros(smooth.shape, bool)
@@ -411,14 +410,15 @@ def _ring_threshold(smooth: np.ndarray, support: np.ndarray, zone: np.ndarray, l
     ring_b &= ~zone
     if np.count_nonzero(bg) < 500:
         return None
-    base, med = (float(v) for v in np.percentile(smooth[bg], [_RING_QUANTILE, 50.0]))
+    base = float(np.percentile(smooth[bg], _RING_QUANTILE))
     raised = False
     for ring in (ring_v, ring_b):
         values = smooth[ring & support]
         if values.size < 200:
             continue
-        excess = float(np.percentile(values, _RING_QUANTILE)) - base
-        if excess > 0.0 and med + excess + margin >= level:
+        low, median = (float(v) for v in np.percentile(values, [_RING_QUANTILE, 50.0]))
+        excess = low - base
+        if excess > 0.0 and median + margin >= level:
             out[ring] = np.maximum(out[ring], level + excess)
             raised = True
     return out if raised else None
@@ -499,9 +499,9 @@ def quantify(volume: CTVolume, masks: LungMasks, thresholds: OpacityThresholds =
       vessel zone, less specks under ``min_opacity_mm3``;
     - halo rings (with a measured halo, under ``extensive_opacity_percent``):
       where the first ring of pixels around the vessel zone or inside the
-      pleura reads denser than the background by enough to bring its normal
-      lung within ``halo_ring_sd`` noise SD of ``opacity_low`` (a soft kernel
-      over dense lung), that ring's threshold rises by its excess and
+      pleura reads denser than the background, with its median within
+      ``halo_ring_sd`` noise SD of ``opacity_low`` (a soft kernel over dense
+      lung), that ring's threshold rises by its excess and
       structures thinner than the halo are left out of the ground glass
       (:func:`_opacity`, :func:`_ring_threshold`): on 1.8-2 mm pixels the
       vessel zone cannot widen by a fraction of a pixel;
