@@ -331,8 +331,9 @@ def _smooth_in_lung(hu: np.ndarray, lung: np.ndarray, sigma: float) -> np.ndarra
 
 def _opacity(hu: np.ndarray, lung: np.ndarray, thresholds: OpacityThresholds, params: QuantifyParams,
              pixel_mm: float, voxel_mm3: float, sigma: float, rim_mm: float, halo_px: float,
-             ring_noise_hu: float | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Opacity and high-opacity masks on the reduced grid (steps: :func:`quantify`).
+             ring_noise_hu: float | None = None) -> tuple[np.ndarray, np.ndarray, bool]:
+    """Opacity and high-opacity masks on the reduced grid (steps: :func:`quantify`), and whether a
+    ring's threshold was raised.
 
     ``ring_noise_hu``: the noise SD of the smoothed HU; given, the threshold is raised in the first
     ring around the vessel zone and inside the pleura (:func:`_ring_threshold`). Where it is, the
@@ -374,7 +375,7 @@ def _opacity(hu: np.ndarray, lung: np.ndarray, thresholds: OpacityThresholds, pa
     faint &= ~specks[lab]
     del lab
     opacity = faint | solid
-    return opacity | _surrounded(in_range, opacity, lung, params.ring_fraction), solid
+    return opacity | _surrounded(in_range, opacity, lung, params.ring_fraction), solid, low is not None
 
 
 _RING_QUANTILE = 20.0
@@ -561,17 +562,18 @@ def quantify(volume: CTVolume, masks: LungMasks, thresholds: OpacityThresholds =
         voxel_mm3 = volume.spacing[0] * volume.spacing[1] * volume.spacing[2] * f * f * fz
         halo = vessel_halo_mm(volume, masks, level=thresholds.opacity_low, core_hu=thresholds.opacity_high)
         halo_px = 1.0 if halo is None else float(np.clip(halo, 0.0, params.max_halo_mm)) / (px_mm * f)
-        opacity, high = _opacity(hu, lung, thresholds, params, px_mm * f, voxel_mm3, sigma, rim_mm,
-                                 max(1.0, halo_px), smooth_noise if halo is not None else None)
+        opacity, high, raised = _opacity(hu, lung, thresholds, params, px_mm * f, voxel_mm3, sigma,
+                                         rim_mm, max(1.0, halo_px),
+                                         smooth_noise if halo is not None else None)
         if halo is not None and 100.0 * float((lung_n * opacity).sum()) / float(lung_n.sum()) >= (
                 params.extensive_opacity_percent):
             # extensive disease lines the vessels and the pleura too: the measured halo and the rings'
             # excess are then partly disease, and widening the vessel zone by it cost up to 0.8 points
             # at 55-60 % involvement
             halo = None
-            if halo_px > 1.0 or params.halo_ring_sd > 0.0:
-                opacity, high = _opacity(hu, lung, thresholds, params, px_mm * f, voxel_mm3, sigma, rim_mm,
-                                         1.0)
+            if halo_px > 1.0 or raised:  # otherwise the first pass already is the one-voxel one
+                opacity, high, _ = _opacity(hu, lung, thresholds, params, px_mm * f, voxel_mm3, sigma,
+                                            rim_mm, 1.0)
         del hu, lung
         # the opacity mask on the volume's grid, slice by slice (no full-size temporaries)
         out = opacity_full[box]

@@ -477,14 +477,15 @@ def _disable_pysqlite_begin(dbapi_connection: object, connection_record: object)
     dbapi_connection.isolation_level = None  # type: ignore[attr-defined]
 
 
-SINGLE_READ = {"lungnode_single_read": True}
+_SINGLE_READ_OPTION = "lungnode_single_read"
+SINGLE_READ = {_SINGLE_READ_OPTION: True}
 """Execution options of a connection that runs one reading statement: on SQLite it takes no lock
 (no ``BEGIN IMMEDIATE``; the statement is its own snapshot), so the receiver's per-instance lookup
 does not queue behind writers; elsewhere it changes nothing."""
 
 
 def _sqlite_begin_immediate(conn: Connection) -> None:
-    if conn.get_execution_options().get("lungnode_single_read"):
+    if conn.get_execution_options().get(_SINGLE_READ_OPTION):
         return  # pysqlite is in autocommit mode (_disable_pysqlite_begin): no transaction at all
     conn.exec_driver_sql("BEGIN IMMEDIATE")
 
